@@ -1,0 +1,10 @@
+//! cnishift-agent: the per-node half of cnishift.
+//!
+//! The flow of a fact is one way: [`probe`] reads the node, [`policy`] judges,
+//! [`report`] assembles, and [`render`] (or the gRPC server) ships it.
+
+pub mod host;
+pub mod policy;
+pub mod probe;
+pub mod render;
+pub mod report;

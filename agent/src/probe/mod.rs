@@ -1,0 +1,102 @@
+//! Probes: one file per family of facts. Each reads the node (files through
+//! [`crate::host::HostPaths`], live state through syscalls and netlink) and
+//! returns typed facts; none of them judges or prints.
+
+pub mod bpf;
+pub mod cni_files;
+pub mod iptables;
+pub mod k3s;
+pub mod kconfig;
+pub mod kernel;
+pub mod modules;
+pub mod network;
+pub mod resources;
+pub mod sysctl;
+
+use serde::{Deserialize, Serialize};
+
+use crate::host::HostPaths;
+
+/// Everything the probes found. Serialised as the report's `facts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Facts {
+    pub kernel: kernel::KernelFacts,
+    pub kernel_config: kconfig::KernelConfigFacts,
+    pub bpf: bpf::BpfFacts,
+    pub modules: modules::ModuleFacts,
+    pub sysctls: std::collections::BTreeMap<String, sysctl::SysctlValue>,
+    pub network: network::NetworkFacts,
+    pub cni: cni_files::CniFacts,
+    pub k3s: k3s::K3sFacts,
+    pub iptables: iptables::IptablesFacts,
+    pub resources: resources::ResourceFacts,
+}
+
+/// What to look for: the policy's lists, handed in so probes never depend
+/// on the policy.
+pub struct Wanted<'a> {
+    pub config_options: &'a [&'a str],
+    pub modules: &'a [modules::Wanted<'a>],
+}
+
+/// Runs every probe. The live ones (bpf syscalls, netlink, iptables-save)
+/// run on their own threads while the file probes read; `live = false`
+/// skips them (fixture trees).
+pub fn collect(host: &HostPaths, live: bool, wanted: &Wanted) -> Facts {
+    std::thread::scope(|s| {
+        let bpf = s.spawn(|| bpf::probe(host, live));
+        let iptables = s.spawn(|| iptables::probe(live));
+        let network = s.spawn(|| {
+            if live {
+                network::probe()
+            } else {
+                network::NetworkFacts {
+                    not_probed: Some("live probes disabled (--no-live-probes)".into()),
+                    ..Default::default()
+                }
+            }
+        });
+
+        let kernel = kernel::probe(host);
+        let release = kernel.release.as_deref();
+        let kernel_config = kconfig::probe(host, release, wanted.config_options);
+        let modules = modules::probe(host, release, &kernel_config, wanted.modules);
+        let sysctls = sysctl::probe(host);
+        let cni = cni_files::probe(host);
+        let k3s = k3s::probe(host);
+        let resources = resources::probe(host);
+
+        let panicked =
+            |what: &str| format!("the {what} probe crashed; this is a bug in cnishift-agent");
+        Facts {
+            bpf: bpf.join().unwrap_or_else(|_| bpf::BpfFacts {
+                syscall: bpf::SyscallState::Failed(panicked("bpf")),
+                programs: Default::default(),
+                maps: Default::default(),
+                jit: Default::default(),
+                mounts: Default::default(),
+            }),
+            iptables: iptables.join().unwrap_or_else(|_| {
+                let unknown = iptables::FamilyChains {
+                    unknown: Some(panicked("iptables")),
+                    ..Default::default()
+                };
+                iptables::IptablesFacts {
+                    ipv4: unknown.clone(),
+                    ipv6: unknown,
+                }
+            }),
+            network: network.join().unwrap_or_else(|_| network::NetworkFacts {
+                not_probed: Some(panicked("network")),
+                ..Default::default()
+            }),
+            kernel,
+            kernel_config,
+            modules,
+            sysctls,
+            cni,
+            k3s,
+            resources,
+        }
+    })
+}

@@ -1,0 +1,111 @@
+//! The report: facts plus verdicts, the one document the CLI prints and the
+//! gRPC server ships.
+
+use serde::{Deserialize, Serialize};
+
+use crate::host::HostPaths;
+use crate::policy::{self, Check, Verdict};
+use crate::probe::{self, Facts};
+
+/// The JSON contract (see README "The report's JSON"): `ready`, `checks` and
+/// `facts` are stable; other top-level keys may be added.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// True when no check failed.
+    pub ready: bool,
+    pub node: String,
+    pub agent: AgentInfo,
+    /// The directory every file was read under (`/` on a real node).
+    pub host_root: String,
+    /// Probe families not run, with why (e.g. `--no-live-probes`).
+    pub skipped_probes: Vec<String>,
+    pub summary: Summary,
+    pub checks: Vec<Check>,
+    pub facts: Facts,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    /// The architecture this agent binary was built for (it may differ from
+    /// `facts.kernel.arch` when run under emulation).
+    pub build_arch: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub pass: usize,
+    pub warn: usize,
+    pub fail: usize,
+}
+
+pub struct Options {
+    pub host: HostPaths,
+    pub live: bool,
+    pub node_name: String,
+}
+
+pub fn build(opts: &Options) -> Report {
+    let options = policy::wanted_options();
+    let modules = policy::wanted_modules();
+    let wanted = probe::Wanted {
+        config_options: &options,
+        modules: &modules,
+    };
+    let facts = probe::collect(&opts.host, opts.live, &wanted);
+    let checks = policy::evaluate(&facts);
+    let mut summary = Summary::default();
+    for c in &checks {
+        match c.verdict {
+            Verdict::Pass => summary.pass += 1,
+            Verdict::Warn => summary.warn += 1,
+            Verdict::Fail => summary.fail += 1,
+        }
+    }
+    let mut skipped_probes = Vec::new();
+    if !opts.live {
+        skipped_probes.extend(
+            [
+                "bpf (syscalls)",
+                "network (netlink)",
+                "iptables (iptables-save)",
+            ]
+            .iter()
+            .map(|p| format!("{p}: live probes disabled (--no-live-probes)")),
+        );
+    } else if !opts.host.is_system_root() {
+        tracing::warn!(
+            "live probes read this machine's kernel and network namespace, files come from {}",
+            opts.host.root().display()
+        );
+    }
+    Report {
+        ready: summary.fail == 0,
+        node: opts.node_name.clone(),
+        agent: AgentInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            build_arch: std::env::consts::ARCH.into(),
+        },
+        host_root: opts.host.root().display().to_string(),
+        skipped_probes,
+        summary,
+        checks,
+        facts,
+    }
+}
+
+/// The node name to report: the host root's `/etc/hostname`, else the
+/// kernel's hostname.
+pub fn default_node_name(host: &HostPaths) -> String {
+    if let Ok(h) = host.read_trimmed("etc/hostname") {
+        if !h.is_empty() {
+            return h;
+        }
+    }
+    if host.is_system_root() {
+        if let Ok(h) = nix::unistd::gethostname() {
+            return h.to_string_lossy().into_owned();
+        }
+    }
+    "unknown".into()
+}
