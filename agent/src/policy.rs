@@ -198,11 +198,13 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
 fn kernel(f: &Facts, out: &mut Vec<Check>) {
     let k = &f.kernel;
     let Some(v) = k.version else {
+        // Without the release nothing else can be judged (which config, which
+        // modules): an empty or wrong host root must not come out "ready".
         out.push(check(
             "kernel.version",
-            Verdict::Warn,
-            format!("cannot verify the kernel version: {}", k.errors.join("; ")),
-            Some("make /proc/sys/kernel/osrelease readable to the agent".into()),
+            Verdict::Fail,
+            format!("cannot read the kernel version, so readiness cannot be judged: {}", k.errors.join("; ")),
+            Some("check --host-root; the agent must be able to read /proc/sys/kernel/osrelease".into()),
         ));
         return;
     };
@@ -800,7 +802,7 @@ fn k3s(f: &Facts, out: &mut Vec<Check>) {
     let flags_fix = Some("services.k3s.extraFlags = [ \"--flannel-backend=none\" \"--disable-network-policy\" ]; (or services.cnishift.ciliumPrerequisites.enable = true;)".to_string());
     let errs = errs_suffix(&k.errors);
     let msg = match (k.role, k.effective.as_ref().or(k.after_restart.as_ref())) {
-        (None, _) => check("k3s.flags", Verdict::Warn, format!("k3s was not found on this node (no process, unit or config file){errs}"), None),
+        (None, _) => check("k3s.flags", Verdict::Warn, format!("k3s was not found on this node (no process, unit or config file){errs}"), Some("run the agent on a k3s node, or point --host-root at one".into())),
         (Some(Role::Agent), _) => pass("k3s.flags", format!("k3s agent: --flannel-backend and --disable-network-policy are server flags; this node follows its server{errs}")),
         (Some(Role::Server), None) => check("k3s.flags", Verdict::Warn, format!("k3s server: cannot tell which flags are in effect{errs}"), None),
         (Some(Role::Server), Some(e)) if e.cilium_ready() => {

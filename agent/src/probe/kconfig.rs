@@ -265,4 +265,42 @@ mod tests {
             .contains("truncated"));
         assert!(gunzip(b"not gzip at all").is_err());
     }
+
+    /// The fuzz target's property (agent/fuzz), run over deterministic
+    /// mutations of a real-looking config so it is exercised in every test run.
+    #[test]
+    fn mutated_configs_never_panic_and_never_invent_options() {
+        let seed = b"#\n# Linux/arm64 6.6.64 Kernel Configuration\nCONFIG_BPF=y\nCONFIG_VXLAN=m\n\
+                     # CONFIG_SCHEDSTATS is not set\nCONFIG_HZ=250\nCONFIG_LOCALVERSION=\"-rpi\"\n";
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let mut data = seed.to_vec();
+            for _ in 0..(next() % 8) {
+                let i = (next() as usize) % data.len();
+                match next() % 3 {
+                    0 => data[i] = next() as u8,
+                    1 => data.truncate(i.max(1)),
+                    _ => data.insert(i, b"=\n#\"Cy"[(next() % 5) as usize]),
+                }
+            }
+            let cfg = parse_bytes(&data);
+            let text = String::from_utf8_lossy(&data);
+            for (name, value) in &cfg.options {
+                let line = match value {
+                    OptionValue::Y => format!("CONFIG_{name}=y"),
+                    OptionValue::M => format!("CONFIG_{name}=m"),
+                    OptionValue::Unset => continue,
+                    OptionValue::Value(v) => format!("CONFIG_{name}={v}"),
+                };
+                assert!(text.lines().any(|l| l.trim() == line), "{line} invented from {text:?}");
+            }
+            assert!(cfg.malformed.len() <= cfg.malformed_count.min(MAX_REPORTED_MALFORMED));
+        }
+    }
 }

@@ -1,0 +1,171 @@
+//! Test helpers: fixture host roots, the real fixtures in ../shared, running
+//! the real `cnishift-agent` binary, and the root/CI skip rule.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// `../shared/fixtures` beside the repository (CI lays it there), or
+/// `$CNISHIFT_SHARED/fixtures`.
+pub fn shared_fixtures() -> Option<PathBuf> {
+    let base = std::env::var_os("CNISHIFT_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let p = base.join("fixtures/kernel-configs");
+    p.is_dir().then_some(p)
+}
+
+/// The real config file `name` from the shared fixtures. Under CI a missing
+/// fixture is a failure, elsewhere a loud skip (returns None).
+pub fn real_config(name: &str) -> Option<String> {
+    match shared_fixtures() {
+        Some(dir) => Some(fs::read_to_string(dir.join(name)).expect("fixture readable")),
+        None => {
+            assert!(!in_ci(), "CI=true but ../shared/fixtures/kernel-configs is missing");
+            eprintln!("SKIPPED: ../shared/fixtures/kernel-configs not found (set CNISHIFT_SHARED)");
+            None
+        }
+    }
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// True when the test may use root-only facilities; prints a loud SKIPPED
+/// line otherwise, and refuses to skip under CI=true.
+pub fn require_root(what: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(!in_ci(), "CI=true but not root: {what} must run in CI");
+    eprintln!("SKIPPED (needs root): {what}");
+    false
+}
+
+/// A host-root tree under a temp dir.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Fixture { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> &Self {
+        let p = self.root().join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, content).unwrap();
+        self
+    }
+
+    pub fn mkdir(&self, rel: &str) -> &Self {
+        fs::create_dir_all(self.root().join(rel)).unwrap();
+        self
+    }
+
+    pub fn kernel(&self, release: &str, arch: &str) -> &Self {
+        self.write("proc/sys/kernel/osrelease", format!("{release}\n"));
+        self.write("proc/sys/kernel/arch", format!("{arch}\n"))
+    }
+
+    pub fn config_gz(&self, text: &str) -> &Self {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(text.as_bytes()).unwrap();
+        self.write("proc/config.gz", enc.finish().unwrap())
+    }
+
+    /// A `modules.dep` listing every module an `=m` option of `config` builds
+    /// among `modules`, as a node with its modules package installed has.
+    pub fn modules_dep(&self, release: &str, modules: &[&str]) -> &Self {
+        let body: String = modules.iter().map(|m| format!("kernel/net/{m}.ko.xz:\n")).collect();
+        self.write(&format!("lib/modules/{release}/modules.dep"), body)
+    }
+
+    pub fn meminfo(&self, total_kib: u64, avail_kib: u64) -> &Self {
+        self.write(
+            "proc/meminfo",
+            format!("MemTotal: {total_kib} kB\nMemFree: {avail_kib} kB\nMemAvailable: {avail_kib} kB\n"),
+        )
+    }
+
+    /// The sysctls a well-prepared node has.
+    pub fn good_sysctls(&self) -> &Self {
+        for (k, v) in [
+            ("net/ipv4/ip_forward", "1"),
+            ("net/ipv4/conf/all/forwarding", "1"),
+            ("net/bridge/bridge-nf-call-iptables", "1"),
+            ("net/ipv4/conf/all/rp_filter", "0"),
+            ("net/ipv4/conf/default/rp_filter", "0"),
+            ("net/core/bpf_jit_enable", "1"),
+        ] {
+            self.write(&format!("proc/sys/{k}"), format!("{v}\n"));
+        }
+        self
+    }
+}
+
+/// The modules Raspberry Pi 4's `=m` options and the runbook need.
+pub const PI4_MODULES: &[&str] = &[
+    "sch_ingress", "algif_hash", "vxlan", "geneve", "xt_set", "ip_set", "ip_set_hash_ip", "xt_comment",
+    "xt_TPROXY", "xt_mark", "xt_CT", "xt_socket", "xt_conntrack", "br_netfilter", "overlay", "cls_bpf",
+];
+
+pub const PI4_RELEASE: &str = "6.6.64-current-bcm2711";
+pub const RK3588_RELEASE: &str = "6.12.0-rc3-edge-rockchip-rk3588";
+
+/// A Raspberry Pi 4 host root built around `config` (the real one or a copy).
+pub fn pi4_fixture(config: &str) -> Fixture {
+    let f = Fixture::new();
+    f.kernel(PI4_RELEASE, "aarch64").config_gz(config).modules_dep(PI4_RELEASE, PI4_MODULES);
+    f.meminfo(3_884_000, 3_200_000).good_sysctls();
+    f.write("etc/hostname", "raccoon00\n");
+    f
+}
+
+pub fn agent_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cnishift-agent")
+}
+
+/// Runs `cnishift-agent report --json` with `args`; returns (exit code, JSON).
+pub fn report_json(args: &[&str]) -> (i32, Value) {
+    let out = Command::new(agent_bin()).arg("report").arg("--json").args(args).output().unwrap();
+    let code = out.status.code().expect("exited, not killed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("not JSON ({e}), exit {code}:\n{stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+    });
+    (code, json)
+}
+
+/// The report of a fixture tree without live probes.
+pub fn fixture_report(f: &Fixture) -> (i32, Value) {
+    report_json(&["--host-root", f.root().to_str().unwrap(), "--no-live-probes"])
+}
+
+pub fn check<'a>(report: &'a Value, id: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id} in report"))
+}
+
+pub fn verdict(report: &Value, id: &str) -> String {
+    check(report, id)["verdict"].as_str().unwrap().to_string()
+}
+
+pub fn message(report: &Value, id: &str) -> String {
+    check(report, id)["message"].as_str().unwrap().to_string()
+}
