@@ -34,7 +34,10 @@ fn run_once(program: &str, args: &[&str]) -> Sample {
     let wall = start.elapsed();
     assert_eq!(r, pid, "wait4 failed");
     std::mem::forget(child); // already reaped
-    Sample { wall, rss_kib: usage.ru_maxrss }
+    Sample {
+        wall,
+        rss_kib: usage.ru_maxrss,
+    }
 }
 
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
@@ -65,16 +68,42 @@ fn measure(label: &str, program: &str, args: &[&str], runs: usize) -> (Duration,
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
-    let runs: usize = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let agent = env!("CARGO_BIN_EXE_cnishift-agent");
-    println!("host: {} cores, kernel {}", std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
-    let (wall, rss) = measure("cnishift-agent report --json", agent, &["report", "--json"], runs);
-    let table = measure("cnishift-agent report (table)", agent, &["report"], runs / 4);
+    println!(
+        "host: {} cores, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let (wall, rss) = measure(
+        "cnishift-agent report --json",
+        agent,
+        &["report", "--json"],
+        runs,
+    );
+    let table = measure(
+        "cnishift-agent report (table)",
+        agent,
+        &["report"],
+        runs / 4,
+    );
     let _ = table;
-    let bpftool = Command::new("bpftool").arg("version").output().is_ok_and(|o| o.status.success());
+    let bpftool = Command::new("bpftool")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if bpftool {
-        let (bt, bt_rss) = measure("bpftool feature probe", "bpftool", &["feature", "probe"], (runs / 10).max(5));
+        let (bt, bt_rss) = measure(
+            "bpftool feature probe",
+            "bpftool",
+            &["feature", "probe"],
+            (runs / 10).max(5),
+        );
         println!(
             "ratio: cnishift-agent report takes {:.3}x the wall time of bpftool feature probe ({:.2}x its peak RSS)",
             wall.as_secs_f64() / bt.as_secs_f64(),

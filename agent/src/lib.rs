@@ -6,5 +6,8 @@
 pub mod host;
 pub mod policy;
 pub mod probe;
+pub mod remediate;
 pub mod render;
 pub mod report;
+pub mod server;
+pub mod tls;

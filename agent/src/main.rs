@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use cnishift_agent::host::HostPaths;
-use cnishift_agent::{render, report};
+use cnishift_agent::{remediate, render, report, server, tls};
 
 /// Exit codes (also in the README).
 const EXIT_READY: u8 = 0;
@@ -38,6 +38,85 @@ enum Command {
                       Exit codes: 0 ready, 1 not ready (a check failed), 2 the agent could not run."
     )]
     Report(ReportArgs),
+    /// Serve the report (and, to the coordinator only, the changing RPCs) over mutual-TLS gRPC.
+    #[command(
+        after_help = "Example:\n  cnishift-agent serve --listen 0.0.0.0:7443 --tls-ca /run/credentials/ca.pem \\\n    \
+                      --tls-cert /run/credentials/node.pem --tls-key /run/credentials/node-key.pem\n\n\
+                      There is no plaintext mode. Clients must present a certificate signed by --tls-ca.\n\
+                      The certificate files are re-read when they change; SIGTERM stops gracefully.\n\
+                      Exit codes: 0 stopped by a signal, 2 could not start (the message says why)."
+    )]
+    Serve(ServeArgs),
+    /// Set the sysctls the report flags and load missing loadable modules (dry run by default).
+    Remediate(RemediateArgs),
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// Read every file from under DIR instead of `/` (a lab node, a fixture tree).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    host_root: PathBuf,
+    /// Skip the syscall, netlink and iptables probes (for pure fixture trees);
+    /// the report lists what was skipped, and those checks are warnings.
+    #[arg(long)]
+    no_live_probes: bool,
+    /// The node name to report (default: the host root's /etc/hostname, else the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
+}
+
+impl HostArgs {
+    fn options(&self) -> Result<report::Options, String> {
+        let host = HostPaths::new(&self.host_root)?;
+        let node_name = self
+            .node_name
+            .clone()
+            .unwrap_or_else(|| report::default_node_name(&host));
+        Ok(report::Options {
+            host,
+            live: !self.no_live_probes,
+            node_name,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address and port to listen on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7443")]
+    listen: std::net::SocketAddr,
+    /// The cluster CA (PEM): client certificates must be signed by it.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: PathBuf,
+    /// This agent's certificate (PEM); its SANs must include the node name.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: PathBuf,
+    /// This agent's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: PathBuf,
+    /// The certificate identity (SAN) allowed to call changing RPCs.
+    #[arg(long, default_value = "cnishift-coordinator")]
+    coordinator_identity: String,
+    /// Where the agent keeps its state (backups, journals, the rollback switch).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/cnishift-agent")]
+    state_dir: PathBuf,
+    /// How often to look for rotated certificate files.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    reload_interval: std::time::Duration,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(clap::Args)]
+struct RemediateArgs {
+    /// Perform the steps (default: only print them).
+    #[arg(long)]
+    apply: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(flatten)]
+    host: HostArgs,
 }
 
 #[derive(clap::Args)]
@@ -51,16 +130,8 @@ struct ReportArgs {
     /// List passing checks too (the table shows only counts for them by default).
     #[arg(long)]
     all: bool,
-    /// Read every file from under DIR instead of `/` (a lab node, a fixture tree).
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    host_root: PathBuf,
-    /// Skip the syscall, netlink and iptables probes (for pure fixture trees);
-    /// the report lists what was skipped, and those checks are warnings.
-    #[arg(long)]
-    no_live_probes: bool,
-    /// The node name to report (default: the host root's /etc/hostname).
-    #[arg(long)]
-    node_name: Option<String>,
+    #[command(flatten)]
+    host: HostArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -79,26 +150,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Report(args) => run_report(args),
+        Command::Serve(args) => run_serve(args),
+        Command::Remediate(args) => run_remediate(args),
     }
 }
 
 fn run_report(args: ReportArgs) -> ExitCode {
-    let host = match HostPaths::new(&args.host_root) {
-        Ok(h) => h,
+    let opts = match args.host.options() {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("cnishift-agent: {e}");
             return ExitCode::from(EXIT_AGENT_ERROR);
         }
     };
-    let node_name = args
-        .node_name
-        .clone()
-        .unwrap_or_else(|| report::default_node_name(&host));
-    let r = report::build(&report::Options {
-        host,
-        live: !args.no_live_probes,
-        node_name,
-    });
+    let r = report::build(&opts);
     let text = match (args.json, args.output) {
         (true, _) | (_, Output::Json) => match serde_json::to_string_pretty(&r) {
             Ok(j) => j + "\n",
@@ -116,4 +181,142 @@ fn run_report(args: ReportArgs) -> ExitCode {
         return ExitCode::from(EXIT_AGENT_ERROR);
     }
     ExitCode::from(if r.ready { EXIT_READY } else { EXIT_NOT_READY })
+}
+
+fn run_serve(args: ServeArgs) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("cnishift-agent serve: {e}");
+        ExitCode::from(EXIT_AGENT_ERROR)
+    };
+    let opts = match args.host.options() {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = prepare_state_dir(&args.state_dir) {
+        return fail(e);
+    }
+    let files = tls::TlsFiles {
+        ca: args.tls_ca,
+        cert: args.tls_cert,
+        key: args.tls_key,
+    };
+    let config = match tls::server_config(&files, &opts.node_name) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    // One worker thread: the agent is idle almost always and must stay small
+    // on a 4 GB Pi; reports run on the blocking pool.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    let result = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        let live = tls::Reloadable::new(config);
+        tokio::spawn(tls::watch(
+            files,
+            opts.node_name.clone(),
+            live.clone(),
+            args.reload_interval,
+        ));
+        let service = server::AgentService {
+            report: std::sync::Arc::new(opts),
+            coordinator_identity: args.coordinator_identity,
+        };
+        server::serve(listener, live, service, shutdown_signal())
+            .await
+            .map_err(|e| format!("server error: {e}"))
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing in-flight requests"),
+    }
+}
+
+/// Creates the state directory (mode 0700) if needed and checks it is one.
+fn prepare_state_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create --state-dir {}: {e}", dir.display()))?;
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("--state-dir {} is not a directory", dir.display()));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), "the state directory is readable by others; 0700 is expected");
+    }
+    Ok(())
+}
+
+fn run_remediate(args: RemediateArgs) -> ExitCode {
+    let opts = match args.host.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("cnishift-agent: {e}");
+            return ExitCode::from(EXIT_AGENT_ERROR);
+        }
+    };
+    let r = report::build(&opts);
+    let mut steps = remediate::plan(&r);
+    if args.apply {
+        remediate::apply(&opts.host, &mut steps);
+    }
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&steps).unwrap_or_default()
+        ),
+        Output::Table => {
+            if steps.is_empty() {
+                println!("nothing to remediate");
+            }
+            for s in &steps {
+                let status = match &s.outcome {
+                    None => "would do".to_string(),
+                    Some(Ok(what)) => format!("done: {what}"),
+                    Some(Err(why)) => format!("FAILED: {why}"),
+                };
+                println!(
+                    "{:<44} {:<48} {status}\n    permanent: {}",
+                    s.check_id, s.action, s.permanent
+                );
+            }
+            if !args.apply && !steps.is_empty() {
+                println!("\ndry run: pass --apply to perform these steps");
+            }
+        }
+    }
+    let failed = steps.iter().any(|s| matches!(s.outcome, Some(Err(_))));
+    ExitCode::from(if failed { EXIT_NOT_READY } else { EXIT_READY })
 }

@@ -203,8 +203,14 @@ fn kernel(f: &Facts, out: &mut Vec<Check>) {
         out.push(check(
             "kernel.version",
             Verdict::Fail,
-            format!("cannot read the kernel version, so readiness cannot be judged: {}", k.errors.join("; ")),
-            Some("check --host-root; the agent must be able to read /proc/sys/kernel/osrelease".into()),
+            format!(
+                "cannot read the kernel version, so readiness cannot be judged: {}",
+                k.errors.join("; ")
+            ),
+            Some(
+                "check --host-root; the agent must be able to read /proc/sys/kernel/osrelease"
+                    .into(),
+            ),
         ));
         return;
     };

@@ -14,7 +14,10 @@ fn assert_no_config_pass(r: &serde_json::Value) {
         let id = c["id"].as_str().unwrap();
         if id.starts_with("kernel.config.") && id != "kernel.config.file" {
             assert_eq!(c["verdict"], "warn", "{id}: {}", c["message"]);
-            assert!(c["message"].as_str().unwrap().contains("cannot verify"), "{id}");
+            assert!(
+                c["message"].as_str().unwrap().contains("cannot verify"),
+                "{id}"
+            );
         }
     }
 }
@@ -22,13 +25,17 @@ fn assert_no_config_pass(r: &serde_json::Value) {
 #[test]
 fn truncated_config_gz_is_rejected_not_half_read() {
     let f = Fixture::new();
-    f.kernel("6.6.64", "aarch64").config_gz(&"CONFIG_BPF=y\nCONFIG_SCHEDSTATS=y\n".repeat(2000));
+    f.kernel("6.6.64", "aarch64")
+        .config_gz(&"CONFIG_BPF=y\nCONFIG_SCHEDSTATS=y\n".repeat(2000));
     let gz = std::fs::read(f.root().join("proc/config.gz")).unwrap();
     f.write("proc/config.gz", &gz[..gz.len() / 2]);
     let (code, r) = fixture_report(&f);
     assert_eq!(verdict(&r, "kernel.config.file"), "warn");
     let msg = message(&r, "kernel.config.file");
-    assert!(msg.contains("/proc/config.gz") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("/proc/config.gz") && msg.contains("truncated"),
+        "{msg}"
+    );
     assert_no_config_pass(&r);
     assert_eq!(code, 0, "warnings alone do not make the node not-ready");
 }
@@ -37,25 +44,43 @@ fn truncated_config_gz_is_rejected_not_half_read() {
 fn corrupt_config_gz_falls_back_to_boot_config() {
     let f = Fixture::new();
     f.kernel("6.6.64", "aarch64");
-    f.write("proc/config.gz", b"\x1f\x8b\x08\x00garbage that is not deflate");
+    f.write(
+        "proc/config.gz",
+        b"\x1f\x8b\x08\x00garbage that is not deflate",
+    );
     f.write("boot/config-6.6.64", "CONFIG_BPF=y\n");
     let (_, r) = fixture_report(&f);
     assert_eq!(r["facts"]["kernel_config"]["source"], "/boot/config-6.6.64");
-    let rejected = r["facts"]["kernel_config"]["rejected_sources"][0].as_str().unwrap();
-    assert!(rejected.contains("/proc/config.gz") && rejected.contains("gzip"), "{rejected}");
+    let rejected = r["facts"]["kernel_config"]["rejected_sources"][0]
+        .as_str()
+        .unwrap();
+    assert!(
+        rejected.contains("/proc/config.gz") && rejected.contains("gzip"),
+        "{rejected}"
+    );
     assert_eq!(verdict(&r, "kernel.config.BPF"), "pass");
-    assert_eq!(verdict(&r, "kernel.config.SCHEDSTATS"), "fail", "missing from the config that was read");
+    assert_eq!(
+        verdict(&r, "kernel.config.SCHEDSTATS"),
+        "fail",
+        "missing from the config that was read"
+    );
 }
 
 #[test]
 fn garbage_lines_are_named_and_good_lines_still_count() {
     let f = Fixture::new();
     f.kernel("6.6.64", "aarch64");
-    f.write("boot/config-6.6.64", b"CONFIG_BPF=y\n\xff\xfe binary junk\nCONFIG_BPF_JIT=y\n<html>oops</html>\n");
+    f.write(
+        "boot/config-6.6.64",
+        b"CONFIG_BPF=y\n\xff\xfe binary junk\nCONFIG_BPF_JIT=y\n<html>oops</html>\n",
+    );
     let (_, r) = fixture_report(&f);
     let msg = message(&r, "kernel.config.file");
     assert_eq!(verdict(&r, "kernel.config.file"), "warn");
-    assert!(msg.contains("2 lines") && msg.contains("line 2") && msg.contains("line 4"), "{msg}");
+    assert!(
+        msg.contains("2 lines") && msg.contains("line 2") && msg.contains("line 4"),
+        "{msg}"
+    );
     assert_eq!(verdict(&r, "kernel.config.BPF_JIT"), "pass");
 }
 
@@ -80,7 +105,10 @@ fn unreadable_files_are_reported_with_their_path() {
     let (code, r) = fixture_report(&f);
     assert_eq!(verdict(&r, "kernel.version"), "fail");
     let msg = message(&r, "kernel.version");
-    assert!(msg.contains("/proc/sys/kernel/osrelease could not be read"), "{msg}");
+    assert!(
+        msg.contains("/proc/sys/kernel/osrelease could not be read"),
+        "{msg}"
+    );
     assert_eq!(code, 1, "an unknown kernel is never ready");
     assert_eq!(verdict(&r, "sysctl.net.ipv4.ip_forward"), "warn");
     assert!(message(&r, "sysctl.net.ipv4.ip_forward").contains("cannot verify"));
@@ -96,10 +124,17 @@ fn unreadable_for_a_non_root_reader() {
     }
     use std::os::unix::fs::PermissionsExt;
     let f = Fixture::new();
-    f.kernel("6.6.64", "aarch64").write("boot/config-6.6.64", "CONFIG_BPF=y\n");
-    std::fs::set_permissions(f.root().join("boot/config-6.6.64"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    f.kernel("6.6.64", "aarch64")
+        .write("boot/config-6.6.64", "CONFIG_BPF=y\n");
+    std::fs::set_permissions(
+        f.root().join("boot/config-6.6.64"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
     let (_, r) = fixture_report(&f);
-    let rejected = r["facts"]["kernel_config"]["rejected_sources"][0].as_str().unwrap();
+    let rejected = r["facts"]["kernel_config"]["rejected_sources"][0]
+        .as_str()
+        .unwrap();
     assert!(rejected.contains("Permission denied"), "{rejected}");
     assert_no_config_pass(&r);
 }
@@ -119,21 +154,37 @@ fn an_empty_host_root_is_not_ready() {
 #[test]
 fn malformed_proc_modules_lines_are_named() {
     let f = Fixture::new();
-    f.kernel("6.6.64", "aarch64").config_gz("CONFIG_MODULES=y\nCONFIG_BRIDGE_NETFILTER=m\nCONFIG_OVERLAY_FS=m\n");
-    f.write("proc/modules", "br_netfilter 32768 0 - Live 0x0\n!!garbage!!\noverlay notanumber\n\n");
+    f.kernel("6.6.64", "aarch64")
+        .config_gz("CONFIG_MODULES=y\nCONFIG_BRIDGE_NETFILTER=m\nCONFIG_OVERLAY_FS=m\n");
+    f.write(
+        "proc/modules",
+        "br_netfilter 32768 0 - Live 0x0\n!!garbage!!\noverlay notanumber\n\n",
+    );
     f.modules_dep("6.6.64", &["overlay"]);
     let (_, r) = fixture_report(&f);
     assert_eq!(verdict(&r, "module.list"), "warn");
     let msg = message(&r, "module.list");
-    assert!(msg.contains("2 malformed lines") && msg.contains("line 2") && msg.contains("line 3"), "{msg}");
-    assert_eq!(verdict(&r, "module.br_netfilter"), "pass", "the good line still counts");
-    assert_eq!(r["facts"]["modules"]["modules"]["overlay"]["state"], "loadable");
+    assert!(
+        msg.contains("2 malformed lines") && msg.contains("line 2") && msg.contains("line 3"),
+        "{msg}"
+    );
+    assert_eq!(
+        verdict(&r, "module.br_netfilter"),
+        "pass",
+        "the good line still counts"
+    );
+    assert_eq!(
+        r["facts"]["modules"]["modules"]["overlay"]["state"],
+        "loadable"
+    );
 }
 
 #[test]
 fn a_kernel_without_module_support_is_handled() {
     let f = Fixture::new();
-    f.kernel("6.18.0", "x86_64").config_gz("# CONFIG_MODULES is not set\nCONFIG_BRIDGE_NETFILTER=y\n# CONFIG_OVERLAY_FS is not set\n");
+    f.kernel("6.18.0", "x86_64").config_gz(
+        "# CONFIG_MODULES is not set\nCONFIG_BRIDGE_NETFILTER=y\n# CONFIG_OVERLAY_FS is not set\n",
+    );
     let (_, r) = fixture_report(&f);
     assert_eq!(r["facts"]["modules"]["module_support"], false);
     assert_eq!(verdict(&r, "module.br_netfilter"), "pass");
@@ -144,27 +195,54 @@ fn a_kernel_without_module_support_is_handled() {
 #[test]
 fn symlinks_out_of_the_tree_are_never_followed() {
     let outside = tempfile::tempdir().unwrap();
-    std::fs::write(outside.path().join("evil.conflist"), r#"{"name":"x","plugins":[{"type":"flannel"}]}"#).unwrap();
+    std::fs::write(
+        outside.path().join("evil.conflist"),
+        r#"{"name":"x","plugins":[{"type":"flannel"}]}"#,
+    )
+    .unwrap();
     let f = Fixture::new();
     f.kernel("6.6.64", "aarch64").mkdir("etc/cni/net.d");
     // A relative link climbing out of the root, and an absolute one (re-rooted).
-    let rel_target = format!("../../../../../../../../..{}/evil.conflist", outside.path().display());
-    std::os::unix::fs::symlink(&rel_target, f.root().join("etc/cni/net.d/10-escape.conflist")).unwrap();
-    std::os::unix::fs::symlink(outside.path().join("evil.conflist"), f.root().join("etc/cni/net.d/20-abs.conflist")).unwrap();
+    let rel_target = format!(
+        "../../../../../../../../..{}/evil.conflist",
+        outside.path().display()
+    );
+    std::os::unix::fs::symlink(
+        &rel_target,
+        f.root().join("etc/cni/net.d/10-escape.conflist"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("evil.conflist"),
+        f.root().join("etc/cni/net.d/20-abs.conflist"),
+    )
+    .unwrap();
     let (_, r) = fixture_report(&f);
     let escape = message(&r, "cni.file.10-escape.conflist");
     assert!(escape.contains("escapes the host root"), "{escape}");
     let abs = message(&r, "cni.file.20-abs.conflist");
-    assert!(abs.contains("does not exist"), "absolute links resolve inside the root: {abs}");
+    assert!(
+        abs.contains("does not exist"),
+        "absolute links resolve inside the root: {abs}"
+    );
     let files = r["facts"]["cni"]["etc"]["files"].as_array().unwrap();
-    assert!(files.iter().all(|f| f["plugins"].as_array().unwrap().is_empty()), "nothing outside was parsed");
-    assert!(outside.path().join("evil.conflist").exists(), "a report never deletes anything");
+    assert!(
+        files
+            .iter()
+            .all(|f| f["plugins"].as_array().unwrap().is_empty()),
+        "nothing outside was parsed"
+    );
+    assert!(
+        outside.path().join("evil.conflist").exists(),
+        "a report never deletes anything"
+    );
 }
 
 #[test]
 fn garbage_meminfo_is_a_warn_not_a_panic() {
     let f = Fixture::new();
-    f.kernel("6.6.64", "aarch64").write("proc/meminfo", "MemTotal: lots\n\0\0\0");
+    f.kernel("6.6.64", "aarch64")
+        .write("proc/meminfo", "MemTotal: lots\n\0\0\0");
     let (_, r) = fixture_report(&f);
     assert_eq!(verdict(&r, "resources.memory"), "warn");
 }
@@ -187,7 +265,10 @@ fn thin_memory_warns_and_too_little_fails() {
 fn a_host_root_that_is_not_a_directory_exits_2() {
     let file = tempfile::NamedTempFile::new().unwrap();
     for root in [file.path().to_str().unwrap(), "/nonexistent/cnishift-root"] {
-        let out = Command::new(agent_bin()).args(["report", "--host-root", root]).output().unwrap();
+        let out = Command::new(agent_bin())
+            .args(["report", "--host-root", root])
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{root}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(root), "the message names the path: {err}");
@@ -197,7 +278,10 @@ fn a_host_root_that_is_not_a_directory_exits_2() {
 
 #[test]
 fn bad_flags_are_a_usage_error() {
-    let out = Command::new(agent_bin()).args(["report", "-o", "yaml"]).output().unwrap();
+    let out = Command::new(agent_bin())
+        .args(["report", "-o", "yaml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values"));
 }

@@ -298,7 +298,10 @@ mod tests {
                     OptionValue::Unset => continue,
                     OptionValue::Value(v) => format!("CONFIG_{name}={v}"),
                 };
-                assert!(text.lines().any(|l| l.trim() == line), "{line} invented from {text:?}");
+                assert!(
+                    text.lines().any(|l| l.trim() == line),
+                    "{line} invented from {text:?}"
+                );
             }
             assert!(cfg.malformed.len() <= cfg.malformed_count.min(MAX_REPORTED_MALFORMED));
         }

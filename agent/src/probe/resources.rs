@@ -19,7 +19,10 @@ pub struct ResourceFacts {
 pub fn probe(host: &HostPaths) -> ResourceFacts {
     match host.read_string("proc/meminfo") {
         Ok(text) => parse_meminfo(&text),
-        Err(e) => ResourceFacts { error: Some(e.to_string()), ..Default::default() },
+        Err(e) => ResourceFacts {
+            error: Some(e.to_string()),
+            ..Default::default()
+        },
     }
 }
 
@@ -36,11 +39,17 @@ pub fn parse_meminfo(text: &str) -> ResourceFacts {
             }
             Some(l) => {
                 let fields: Vec<&str> = l.split_whitespace().collect();
-                match (fields.get(1).and_then(|v| v.parse::<u64>().ok()), fields.get(2)) {
+                match (
+                    fields.get(1).and_then(|v| v.parse::<u64>().ok()),
+                    fields.get(2),
+                ) {
                     (Some(n), Some(&"kB")) => n.checked_mul(1024),
                     (Some(n), None) => Some(n),
                     _ => {
-                        problems.push(format!("/proc/meminfo: cannot read {key} from {:?}", l.trim()));
+                        problems.push(format!(
+                            "/proc/meminfo: cannot read {key} from {:?}",
+                            l.trim()
+                        ));
                         None
                     }
                 }
@@ -63,13 +72,20 @@ mod tests {
 
     #[test]
     fn reads_kib_values_and_names_what_is_wrong() {
-        let f = parse_meminfo("MemTotal:        3884000 kB\nMemFree: 1 kB\nMemAvailable:    3200000 kB\n");
+        let f = parse_meminfo(
+            "MemTotal:        3884000 kB\nMemFree: 1 kB\nMemAvailable:    3200000 kB\n",
+        );
         assert_eq!(f.mem_total_bytes, Some(3_884_000 * 1024));
         assert_eq!(f.mem_available_bytes, Some(3_200_000 * 1024));
         assert!(f.error.is_none());
         let f = parse_meminfo("MemTotal: lots kB\n");
         let e = f.error.unwrap();
-        assert!(e.contains("cannot read MemTotal") && e.contains("no MemAvailable"), "{e}");
-        assert!(parse_meminfo("MemTotal: 99999999999999999999 kB").error.is_some());
+        assert!(
+            e.contains("cannot read MemTotal") && e.contains("no MemAvailable"),
+            "{e}"
+        );
+        assert!(parse_meminfo("MemTotal: 99999999999999999999 kB")
+            .error
+            .is_some());
     }
 }

@@ -26,7 +26,10 @@ pub fn real_config(name: &str) -> Option<String> {
     match shared_fixtures() {
         Some(dir) => Some(fs::read_to_string(dir.join(name)).expect("fixture readable")),
         None => {
-            assert!(!in_ci(), "CI=true but ../shared/fixtures/kernel-configs is missing");
+            assert!(
+                !in_ci(),
+                "CI=true but ../shared/fixtures/kernel-configs is missing"
+            );
             eprintln!("SKIPPED: ../shared/fixtures/kernel-configs not found (set CNISHIFT_SHARED)");
             None
         }
@@ -55,7 +58,9 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new() -> Self {
-        Fixture { dir: tempfile::tempdir().unwrap() }
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -88,14 +93,19 @@ impl Fixture {
     /// A `modules.dep` listing every module an `=m` option of `config` builds
     /// among `modules`, as a node with its modules package installed has.
     pub fn modules_dep(&self, release: &str, modules: &[&str]) -> &Self {
-        let body: String = modules.iter().map(|m| format!("kernel/net/{m}.ko.xz:\n")).collect();
+        let body: String = modules
+            .iter()
+            .map(|m| format!("kernel/net/{m}.ko.xz:\n"))
+            .collect();
         self.write(&format!("lib/modules/{release}/modules.dep"), body)
     }
 
     pub fn meminfo(&self, total_kib: u64, avail_kib: u64) -> &Self {
         self.write(
             "proc/meminfo",
-            format!("MemTotal: {total_kib} kB\nMemFree: {avail_kib} kB\nMemAvailable: {avail_kib} kB\n"),
+            format!(
+                "MemTotal: {total_kib} kB\nMemFree: {avail_kib} kB\nMemAvailable: {avail_kib} kB\n"
+            ),
         )
     }
 
@@ -117,8 +127,22 @@ impl Fixture {
 
 /// The modules Raspberry Pi 4's `=m` options and the runbook need.
 pub const PI4_MODULES: &[&str] = &[
-    "sch_ingress", "algif_hash", "vxlan", "geneve", "xt_set", "ip_set", "ip_set_hash_ip", "xt_comment",
-    "xt_TPROXY", "xt_mark", "xt_CT", "xt_socket", "xt_conntrack", "br_netfilter", "overlay", "cls_bpf",
+    "sch_ingress",
+    "algif_hash",
+    "vxlan",
+    "geneve",
+    "xt_set",
+    "ip_set",
+    "ip_set_hash_ip",
+    "xt_comment",
+    "xt_TPROXY",
+    "xt_mark",
+    "xt_CT",
+    "xt_socket",
+    "xt_conntrack",
+    "br_netfilter",
+    "overlay",
+    "cls_bpf",
 ];
 
 pub const PI4_RELEASE: &str = "6.6.64-current-bcm2711";
@@ -127,7 +151,9 @@ pub const RK3588_RELEASE: &str = "6.12.0-rc3-edge-rockchip-rk3588";
 /// A Raspberry Pi 4 host root built around `config` (the real one or a copy).
 pub fn pi4_fixture(config: &str) -> Fixture {
     let f = Fixture::new();
-    f.kernel(PI4_RELEASE, "aarch64").config_gz(config).modules_dep(PI4_RELEASE, PI4_MODULES);
+    f.kernel(PI4_RELEASE, "aarch64")
+        .config_gz(config)
+        .modules_dep(PI4_RELEASE, PI4_MODULES);
     f.meminfo(3_884_000, 3_200_000).good_sysctls();
     f.write("etc/hostname", "raccoon00\n");
     f
@@ -139,18 +165,30 @@ pub fn agent_bin() -> &'static str {
 
 /// Runs `cnishift-agent report --json` with `args`; returns (exit code, JSON).
 pub fn report_json(args: &[&str]) -> (i32, Value) {
-    let out = Command::new(agent_bin()).arg("report").arg("--json").args(args).output().unwrap();
+    let out = Command::new(agent_bin())
+        .arg("report")
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
     let code = out.status.code().expect("exited, not killed");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("not JSON ({e}), exit {code}:\n{stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "not JSON ({e}), exit {code}:\n{stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     (code, json)
 }
 
 /// The report of a fixture tree without live probes.
 pub fn fixture_report(f: &Fixture) -> (i32, Value) {
-    report_json(&["--host-root", f.root().to_str().unwrap(), "--no-live-probes"])
+    report_json(&[
+        "--host-root",
+        f.root().to_str().unwrap(),
+        "--no-live-probes",
+    ])
 }
 
 pub fn check<'a>(report: &'a Value, id: &str) -> &'a Value {

@@ -1,0 +1,219 @@
+//! The gRPC service (`cnishift.v1.NodeAgent`) over mutual TLS.
+//!
+//! Authorisation is by the peer certificate's identity (its SAN DNS names):
+//! any certificate the cluster CA signed may read; only the coordinator
+//! identity may change the node. TLS itself (tls.rs) already refused anyone
+//! without a CA-signed, unexpired client certificate.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cnishift_proto::v1::node_agent_server::{NodeAgent, NodeAgentServer};
+use cnishift_proto::v1::{self as pb};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::policy::Verdict;
+use crate::remediate;
+use crate::report::{self, Report};
+use crate::tls::{self, Reloadable};
+
+/// Requests are tiny (a flag at most); anything bigger is hostile or broken.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// A client that has not finished its TLS handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct AgentService {
+    pub report: std::sync::Arc<report::Options>,
+    pub coordinator_identity: String,
+}
+
+/// Who is calling, from the verified client certificate.
+fn peer_identity<T>(req: &Request<T>) -> Result<Vec<String>, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let names = tls::san_dns_names(leaf);
+    if names.is_empty() {
+        return Err(Status::unauthenticated(
+            "the client certificate has no DNS subjectAltName",
+        ));
+    }
+    Ok(names)
+}
+
+impl AgentService {
+    fn require_coordinator<T>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+    ) -> Result<Vec<String>, Status> {
+        let names = peer_identity(req)?;
+        if names.contains(&self.coordinator_identity) {
+            Ok(names)
+        } else {
+            tracing::warn!(
+                ?names,
+                method,
+                "refused a changing RPC from a non-coordinator identity"
+            );
+            Err(Status::permission_denied(format!(
+                "{method} changes the node and is allowed only for the coordinator identity {:?}; the caller is {names:?}",
+                self.coordinator_identity
+            )))
+        }
+    }
+
+    async fn build_report(&self) -> Result<Report, Status> {
+        let opts = self.report.clone();
+        tokio::task::spawn_blocking(move || report::build(&opts))
+            .await
+            .map_err(|e| Status::internal(format!("the report task failed: {e}")))
+    }
+}
+
+pub fn to_proto(r: &Report) -> pb::NodeReport {
+    pb::NodeReport {
+        node: r.node.clone(),
+        ready: r.ready,
+        agent_version: r.agent.version.clone(),
+        build_arch: r.agent.build_arch.clone(),
+        kernel_release: r.facts.kernel.release.clone().unwrap_or_default(),
+        kernel_arch: r.facts.kernel.arch.clone().unwrap_or_default(),
+        summary: Some(pb::Summary {
+            pass: r.summary.pass as u32,
+            warn: r.summary.warn as u32,
+            fail: r.summary.fail as u32,
+        }),
+        checks: r
+            .checks
+            .iter()
+            .map(|c| pb::Check {
+                id: c.id.clone(),
+                verdict: match c.verdict {
+                    Verdict::Pass => pb::Verdict::Pass,
+                    Verdict::Warn => pb::Verdict::Warn,
+                    Verdict::Fail => pb::Verdict::Fail,
+                } as i32,
+                message: c.message.clone(),
+                remediation: c.remediation.clone(),
+            })
+            .collect(),
+        skipped_probes: r.skipped_probes.clone(),
+        facts_json: serde_json::to_string(&r.facts)
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAgent for AgentService {
+    #[tracing::instrument(skip_all, fields(peer = tracing::field::Empty))]
+    async fn get_report(
+        &self,
+        req: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::NodeReport>, Status> {
+        let names = peer_identity(&req)?;
+        tracing::Span::current().record("peer", tracing::field::debug(&names));
+        let r = self.build_report().await?;
+        Ok(Response::new(to_proto(&r)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn remediate(
+        &self,
+        req: Request<pb::RemediateRequest>,
+    ) -> Result<Response<pb::RemediateResult>, Status> {
+        self.require_coordinator(&req, cnishift_proto::methods::REMEDIATE)?;
+        let apply = req.get_ref().apply;
+        let r = self.build_report().await?;
+        let host = self.report.host.clone();
+        let steps = tokio::task::spawn_blocking(move || {
+            let mut steps = remediate::plan(&r);
+            if apply {
+                remediate::apply(&host, &mut steps);
+            }
+            steps
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the remediation task failed: {e}")))?;
+        Ok(Response::new(pb::RemediateResult {
+            applied: apply,
+            steps: steps
+                .into_iter()
+                .map(|s| pb::RemediationStep {
+                    check_id: s.check_id,
+                    kind: format!("{:?}", s.kind).to_lowercase(),
+                    action: s.action,
+                    permanent: s.permanent,
+                    ok: matches!(s.outcome, Some(Ok(_))),
+                    outcome: s.outcome.map(|o| o.unwrap_or_else(|e| e)),
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Accepts TCP connections and completes the TLS handshake off the accept
+/// loop, handing finished streams to tonic. A failed handshake (plaintext,
+/// no certificate, wrong CA, expired) is logged and dropped here, before any
+/// gRPC is read.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Reloadable,
+    tx: mpsc::Sender<
+        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+    >,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = TlsAcceptor::from(tls.current());
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let _ = tx.send(Ok(stream)).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, "refused a connection: TLS handshake failed: {e}")
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "refused a connection: no TLS handshake within {HANDSHAKE_TIMEOUT:?}")
+                }
+            }
+        });
+    }
+}
+
+/// Serves until `shutdown` resolves; in-flight RPCs finish first.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Reloadable,
+    service: AgentService,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    let (tx, rx) = mpsc::channel(256);
+    let acceptor = tokio::spawn(accept_loop(listener, tls, tx));
+    tracing::info!(?local, node = %service.report.node_name, "serving cnishift.v1.NodeAgent over mutual TLS");
+    let svc = NodeAgentServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let result = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
+        .await;
+    acceptor.abort();
+    result
+}

@@ -1,0 +1,264 @@
+//! Talking to agents: one mutual-TLS gRPC client per call, the agent's
+//! certificate checked against the node name we meant to reach, and a
+//! concurrent fan-out in which every node has its own deadline, so one dead or
+//! slow agent never holds up the others.
+
+use std::error::Error as _;
+use std::time::{Duration, Instant};
+
+use cnishift_proto::v1::node_agent_client::NodeAgentClient;
+use cnishift_proto::v1::{self as pb};
+use serde::Serialize;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::inventory::{Deadlines, Node, Tls};
+
+/// The coordinator's TLS material, read once.
+#[derive(Clone)]
+pub struct ClientTls {
+    ca: Certificate,
+    identity: Identity,
+}
+
+impl ClientTls {
+    pub fn load(tls: &Tls) -> Result<Self, String> {
+        let read = |what: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("tls.{what} {}: {e}", p.display()))
+        };
+        let (ca, cert, key) = (
+            read("ca", &tls.ca)?,
+            read("cert", &tls.cert)?,
+            read("key", &tls.key)?,
+        );
+        for (what, bytes, marker) in [
+            ("ca", &ca, "CERTIFICATE"),
+            ("cert", &cert, "CERTIFICATE"),
+            ("key", &key, "PRIVATE KEY"),
+        ] {
+            if !String::from_utf8_lossy(bytes).contains(&format!("-----BEGIN {marker}"))
+                && !String::from_utf8_lossy(bytes).contains(&format!(" {marker}-----"))
+            {
+                return Err(format!("tls.{what}: no PEM {marker} block found"));
+            }
+        }
+        Ok(ClientTls {
+            ca: Certificate::from_pem(ca),
+            identity: Identity::from_pem(cert, key),
+        })
+    }
+}
+
+/// Why a node could not be asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "detail")]
+pub enum CallError {
+    /// Nothing listens, or the network is down.
+    Unreachable(String),
+    /// No answer within the deadline.
+    Timeout(String),
+    /// The agent presented a certificate that is not the node's.
+    WrongIdentity(String),
+    /// The TLS handshake failed otherwise (CA mismatch, expired, refused our certificate).
+    Tls(String),
+    /// The agent answered with a gRPC error.
+    Rpc { code: String, message: String },
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unreachable(d) => write!(f, "unreachable: {d}"),
+            CallError::Timeout(d) => write!(f, "timed out: {d}"),
+            CallError::WrongIdentity(d) => write!(f, "wrong identity: {d}"),
+            CallError::Tls(d) => write!(f, "TLS failed: {d}"),
+            CallError::Rpc { code, message } => write!(f, "agent error {code}: {message}"),
+        }
+    }
+}
+
+/// The full chain of an error's messages (tonic hides the cause several levels down).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !parts.iter().any(|p| p.contains(&m)) {
+            parts.push(m);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+fn classify_transport(node: &Node, text: String) -> CallError {
+    let lower = text.to_lowercase();
+    if lower.contains("not valid for name") || lower.contains("notvalidforname") {
+        CallError::WrongIdentity(format!(
+            "{} answered at {} with a certificate that is not {:?}'s ({text})",
+            node.name, node.address, node.name
+        ))
+    } else if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+        || lower.contains("alert")
+    {
+        CallError::Tls(text)
+    } else if lower.contains("timed out") || lower.contains("deadline") || lower.contains("elapsed")
+    {
+        CallError::Timeout(text)
+    } else {
+        CallError::Unreachable(text)
+    }
+}
+
+/// Opens a channel to `node`'s agent, checking its certificate names `node.name`.
+pub async fn connect(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+) -> Result<Channel, CallError> {
+    let endpoint = Endpoint::from_shared(format!("https://{}", node.address))
+        .map_err(|e| CallError::Unreachable(format!("bad address {}: {e}", node.address)))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(tls.ca.clone())
+                .identity(tls.identity.clone())
+                .domain_name(node.name.clone()),
+        )
+        .map_err(|e| CallError::Tls(chain(&e)))?
+        .connect_timeout(deadlines.connect)
+        .timeout(deadlines.report);
+    match tokio::time::timeout(deadlines.connect, endpoint.connect()).await {
+        Err(_) => Err(CallError::Timeout(format!(
+            "no TLS connection to {} within {:?}",
+            node.address, deadlines.connect
+        ))),
+        Ok(Err(e)) => Err(classify_transport(node, chain(&e))),
+        Ok(Ok(ch)) => Ok(ch),
+    }
+}
+
+fn status_error(node: &Node, s: tonic::Status) -> CallError {
+    let text = format!(
+        "{}{}",
+        s.message(),
+        s.source()
+            .map(|e| format!(": {}", chain(e)))
+            .unwrap_or_default()
+    );
+    match s.code() {
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => CallError::Timeout(text),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+            if s.source().is_some() =>
+        {
+            classify_transport(node, text)
+        }
+        code => CallError::Rpc {
+            code: format!("{code:?}"),
+            message: s.message().to_string(),
+        },
+    }
+}
+
+/// Asks one agent for its report, all within `deadlines.report`.
+pub async fn get_report(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+) -> Result<pb::NodeReport, CallError> {
+    let call = async {
+        let ch = connect(node, tls, deadlines).await?;
+        let report = NodeAgentClient::new(ch)
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .get_report(pb::ReportRequest {})
+            .await
+            .map_err(|s| status_error(node, s))?
+            .into_inner();
+        if report.node != node.name {
+            return Err(CallError::WrongIdentity(format!(
+                "the agent at {} reports as {:?}, not {:?}",
+                node.address, report.node, node.name
+            )));
+        }
+        Ok(report)
+    };
+    match tokio::time::timeout(deadlines.report, call).await {
+        Ok(r) => r,
+        Err(_) => Err(CallError::Timeout(format!(
+            "no report from {} within {:?}",
+            node.address, deadlines.report
+        ))),
+    }
+}
+
+/// Asks the agent to remediate (a changing RPC: the agent allows it only to
+/// the coordinator identity).
+pub async fn remediate(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    apply: bool,
+) -> Result<pb::RemediateResult, CallError> {
+    let call = async {
+        let ch = connect(node, tls, deadlines).await?;
+        NodeAgentClient::new(ch)
+            .remediate(pb::RemediateRequest { apply })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| status_error(node, s))
+    };
+    tokio::time::timeout(deadlines.report, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(CallError::Timeout(format!(
+                "no answer from {} within {:?}",
+                node.address, deadlines.report
+            )))
+        })
+}
+
+/// One node's answer in a fan-out.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub node: Node,
+    pub elapsed: Duration,
+    pub result: Result<pb::NodeReport, CallError>,
+}
+
+/// Asks every node at once; returns in inventory order.
+pub async fn fan_out_reports(
+    nodes: &[Node],
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+) -> Vec<Outcome> {
+    let calls = nodes.iter().map(|n| async move {
+        let start = Instant::now();
+        let result = get_report(n, tls, deadlines).await;
+        Outcome {
+            node: n.clone(),
+            elapsed: start.elapsed(),
+            result,
+        }
+    });
+    futures::future::join_all(calls).await
+}
+
+/// The same, one after another (the runbook's `for node in ...; ssh` loop);
+/// kept for the benchmark's comparison.
+pub async fn sequential_reports(
+    nodes: &[Node],
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+) -> Vec<Outcome> {
+    let mut out = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        let start = Instant::now();
+        let result = get_report(n, tls, deadlines).await;
+        out.push(Outcome {
+            node: n.clone(),
+            elapsed: start.elapsed(),
+            result,
+        });
+    }
+    out
+}

@@ -1,0 +1,569 @@
+//! The inventory, `cluster.toml`: the nodes (name, role, agent address), the
+//! TLS files, per-step deadlines and the deploy hook. Relative paths are
+//! relative to the inventory file. Every error names the file, line and
+//! column, and says what to write instead.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Controller,
+    Worker,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Controller => "controller",
+            Role::Worker => "worker",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub role: Role,
+    /// `HOST:PORT` of the node's agent.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Per-step deadlines; each is enforced by the step that uses it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Deadlines {
+    /// TCP connect plus TLS handshake to an agent.
+    #[serde(with = "humantime_str")]
+    pub connect: Duration,
+    /// One agent's report, from the start of the call.
+    #[serde(with = "humantime_str")]
+    pub report: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            connect: Duration::from_secs(3),
+            report: Duration::from_secs(10),
+        }
+    }
+}
+
+mod humantime_str {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    /// The API server's VIP (kube-vip), e.g. 10.1.0.5:6443.
+    pub api_vip: Option<SocketAddr>,
+    pub pod_cidr: Option<String>,
+    pub service_cidr: Option<String>,
+    /// Where the Cilium DaemonSet runs.
+    pub cilium_namespace: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Inventory {
+    pub path: PathBuf,
+    pub cluster: Cluster,
+    pub tls: Tls,
+    pub deadlines: Deadlines,
+    /// The command that switches one node to Cilium (runs with the node name).
+    pub deploy_hook: Option<Vec<String>>,
+    pub nodes: Vec<Node>,
+}
+
+/// An inventory error with its place in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for InventoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )?;
+        } else {
+            write!(f, "{}: {}", self.file, self.message)?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "\n  hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for InventoryError {}
+
+// --- the raw file ---------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInventory {
+    #[serde(default)]
+    cluster: RawCluster,
+    tls: Spanned<RawTls>,
+    #[serde(default)]
+    deadlines: RawDeadlines,
+    #[serde(default)]
+    hooks: RawHooks,
+    #[serde(default)]
+    nodes: Vec<Spanned<RawNode>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Option<String>,
+    api_vip: Option<Spanned<String>>,
+    pod_cidr: Option<Spanned<String>>,
+    service_cidr: Option<Spanned<String>>,
+    cilium_namespace: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDeadlines {
+    connect: Option<Spanned<String>>,
+    report: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    deploy: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Spanned<String>,
+    role: Spanned<Role>,
+    address: Spanned<String>,
+}
+
+/// Options for loading.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Load {
+    /// Require the TLS files to exist (every command that talks to agents).
+    pub require_tls_files: bool,
+}
+
+impl Inventory {
+    pub fn load(path: &Path, opts: Load) -> Result<Inventory, InventoryError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| InventoryError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the inventory: {e}"),
+            hint: Some("pass -i PATH, or see examples/avalanche.toml for the format".into()),
+        })?;
+        Self::parse(&text, path, opts)
+    }
+
+    pub fn parse(text: &str, path: &Path, opts: Load) -> Result<Inventory, InventoryError> {
+        let file = path.display().to_string();
+        let at = |span: Range<usize>, message: String, hint: Option<String>| {
+            let (line, column) = line_col(text, span.start);
+            InventoryError {
+                file: file.clone(),
+                line,
+                column,
+                message,
+                hint,
+            }
+        };
+        let raw: RawInventory = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().trim().to_string();
+            let hint = hint_for_parse_error(&msg);
+            at(span, msg, hint)
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |v: &Spanned<String>, key: &str| -> Result<PathBuf, InventoryError> {
+            let p = Path::new(v.get_ref());
+            let full = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            };
+            if opts.require_tls_files && !full.is_file() {
+                return Err(at(
+                    v.span(),
+                    format!("tls.{key}: {} does not exist", full.display()),
+                    Some("create it with `cnishift certs init/issue --dir DIR`; relative paths are relative to the inventory file".into()),
+                ));
+            }
+            Ok(full)
+        };
+        let tls_raw = raw.tls.get_ref();
+        let tls = Tls {
+            ca: resolve(&tls_raw.ca, "ca")?,
+            cert: resolve(&tls_raw.cert, "cert")?,
+            key: resolve(&tls_raw.key, "key")?,
+        };
+
+        let duration = |v: &Option<Spanned<String>>,
+                        key: &str,
+                        default: Duration|
+         -> Result<Duration, InventoryError> {
+            match v {
+                None => Ok(default),
+                Some(s) => match humantime::parse_duration(s.get_ref()) {
+                    Ok(d) if !d.is_zero() => Ok(d),
+                    Ok(_) => Err(at(
+                        s.span(),
+                        format!("deadlines.{key} must be longer than zero"),
+                        None,
+                    )),
+                    Err(e) => Err(at(
+                        s.span(),
+                        format!("deadlines.{key}: {:?} is not a duration ({e})", s.get_ref()),
+                        Some("write it like \"5s\", \"2m\" or \"1h 30m\"".into()),
+                    )),
+                },
+            }
+        };
+        let defaults = Deadlines::default();
+        let deadlines = Deadlines {
+            connect: duration(&raw.deadlines.connect, "connect", defaults.connect)?,
+            report: duration(&raw.deadlines.report, "report", defaults.report)?,
+        };
+
+        let cluster = Cluster {
+            name: raw.cluster.name.clone().unwrap_or_else(|| "cluster".into()),
+            api_vip: match &raw.cluster.api_vip {
+                None => None,
+                Some(v) => Some(v.get_ref().parse::<SocketAddr>().map_err(|_| {
+                    at(
+                        v.span(),
+                        format!("cluster.api_vip: {:?} is not IP:PORT", v.get_ref()),
+                        Some("e.g. api_vip = \"10.1.0.5:6443\"".into()),
+                    )
+                })?),
+            },
+            pod_cidr: cidr(&raw.cluster.pod_cidr, "pod_cidr", &at)?,
+            service_cidr: cidr(&raw.cluster.service_cidr, "service_cidr", &at)?,
+            cilium_namespace: raw
+                .cluster
+                .cilium_namespace
+                .clone()
+                .unwrap_or_else(|| "kube-system".into()),
+        };
+
+        let deploy_hook = match &raw.hooks.deploy {
+            Some(h) if h.get_ref().is_empty() => {
+                return Err(at(
+                    h.span(),
+                    "hooks.deploy is empty".into(),
+                    Some("e.g. deploy = [\"./switch-node.sh\", \"{node}\"]".into()),
+                ))
+            }
+            Some(h) => Some(h.get_ref().clone()),
+            None => None,
+        };
+
+        let mut nodes = Vec::new();
+        let mut seen_names: HashMap<String, usize> = HashMap::new();
+        let mut seen_addrs: HashMap<String, String> = HashMap::new();
+        for n in &raw.nodes {
+            let n = n.get_ref();
+            let name = n.name.get_ref().clone();
+            if let Err(e) = crate::certs::validate_name(&name) {
+                return Err(at(n.name.span(), e.to_string(), None));
+            }
+            if let Some(first) = seen_names.get(&name) {
+                return Err(at(
+                    n.name.span(),
+                    format!("duplicate node name {name:?} (first defined at line {first})"),
+                    Some("every [[nodes]] entry needs its own name".into()),
+                ));
+            }
+            seen_names.insert(name.clone(), line_col(text, n.name.span().start).0);
+            let address = n.address.get_ref().clone();
+            if let Err(why) = validate_address(&address) {
+                return Err(at(
+                    n.address.span(),
+                    format!("node {name:?}: address {address:?} {why}"),
+                    Some("write HOST:PORT, e.g. address = \"10.1.0.11:7443\"".into()),
+                ));
+            }
+            if let Some(other) = seen_addrs.insert(address.clone(), name.clone()) {
+                return Err(at(
+                    n.address.span(),
+                    format!("node {name:?} has the same address as {other:?}"),
+                    None,
+                ));
+            }
+            nodes.push(Node {
+                name,
+                role: *n.role.get_ref(),
+                address,
+            });
+        }
+        if nodes.is_empty() {
+            return Err(InventoryError {
+                file,
+                line: 0,
+                column: 0,
+                message: "no [[nodes]] defined".into(),
+                hint: Some(
+                    "add one [[nodes]] table per node: name, role (controller|worker), address"
+                        .into(),
+                ),
+            });
+        }
+        Ok(Inventory {
+            path: path.to_path_buf(),
+            cluster,
+            tls,
+            deadlines,
+            deploy_hook,
+            nodes,
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+fn cidr(
+    v: &Option<Spanned<String>>,
+    key: &str,
+    at: &dyn Fn(Range<usize>, String, Option<String>) -> InventoryError,
+) -> Result<Option<String>, InventoryError> {
+    let Some(v) = v else { return Ok(None) };
+    let s = v.get_ref();
+    let ok = s.split_once('/').is_some_and(|(ip, len)| {
+        ip.parse::<IpAddr>().is_ok_and(|ip| {
+            len.parse::<u8>()
+                .is_ok_and(|l| l <= if ip.is_ipv4() { 32 } else { 128 })
+        })
+    });
+    if ok {
+        Ok(Some(s.clone()))
+    } else {
+        Err(at(
+            v.span(),
+            format!("cluster.{key}: {s:?} is not a CIDR"),
+            Some("e.g. \"10.42.0.0/16\"".into()),
+        ))
+    }
+}
+
+/// `IP:PORT`, `[IPv6]:PORT` or `hostname:PORT`.
+fn validate_address(a: &str) -> Result<(), String> {
+    if a.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return Err("has no port".into());
+    };
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err(format!("has an invalid port {port:?}")),
+        Ok(_) => {}
+    }
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(format!("has an invalid IPv4 address {host:?}"));
+    }
+    if host.contains(':') {
+        return Err("is an IPv6 address without brackets (write [addr]:port)".into());
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(format!("has an invalid host name {host:?}"));
+    }
+    Ok(())
+}
+
+fn hint_for_parse_error(msg: &str) -> Option<String> {
+    if msg.contains("unknown field") {
+        Some("remove or rename the key; the accepted keys are listed after \"expected\"".into())
+    } else if msg.contains("unknown variant") {
+        Some("role is \"controller\" or \"worker\"".into())
+    } else if msg.contains("missing field") {
+        Some("see examples/avalanche.toml for a complete inventory".into())
+    } else {
+        None
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cluster]
+name = "avalanche"
+api_vip = "10.1.0.5:6443"
+pod_cidr = "10.42.0.0/16"
+
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/coordinator.pem"
+key = "pki/coordinator-key.pem"
+
+[deadlines]
+connect = "2s"
+
+[[nodes]]
+name = "opi01"
+role = "controller"
+address = "10.1.0.11:7443"
+
+[[nodes]]
+name = "raccoon00"
+role = "worker"
+address = "raccoon00.lan:7443"
+"#;
+
+    fn parse(text: &str) -> Result<Inventory, InventoryError> {
+        Inventory::parse(
+            text,
+            Path::new("/etc/cnishift/cluster.toml"),
+            Load::default(),
+        )
+    }
+
+    #[test]
+    fn a_good_inventory_resolves_relative_paths() {
+        let inv = parse(GOOD).unwrap();
+        assert_eq!(inv.tls.ca, Path::new("/etc/cnishift/pki/ca.pem"));
+        assert_eq!(inv.nodes.len(), 2);
+        assert_eq!(inv.nodes[0].role, Role::Controller);
+        assert_eq!(inv.deadlines.connect, Duration::from_secs(2));
+        assert_eq!(inv.deadlines.report, Duration::from_secs(10));
+    }
+
+    fn err(text: &str) -> InventoryError {
+        parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_line_column_and_a_fix() {
+        let e = err(&GOOD.replace("role = \"worker\"", "role = \"wrker\""));
+        assert_eq!((e.line, e.column), (22, 8), "{e}");
+        assert!(
+            e.to_string().contains("cluster.toml:22:8") && e.to_string().contains("controller"),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace("name = \"raccoon00\"", "name = \"opi01\""));
+        assert!(
+            e.message
+                .contains("duplicate node name \"opi01\" (first defined at line 16)"),
+            "{e}"
+        );
+        assert_eq!(e.line, 21);
+
+        let e = err(&GOOD.replace("10.1.0.11:7443", "10.1.0.11"));
+        assert!(
+            e.message.contains("has no port") && e.hint.as_deref().unwrap().contains("HOST:PORT"),
+            "{e}"
+        );
+        assert_eq!(e.line, 18);
+        assert!(err(&GOOD.replace("10.1.0.11:7443", "10.1.0.300:7443"))
+            .message
+            .contains("invalid IPv4"));
+        assert!(err(&GOOD.replace("10.1.0.11:7443", "10.1.0.11:99999"))
+            .message
+            .contains("invalid port"));
+
+        let e = err(&GOOD.replace("[deadlines]", "[deadlines]\nrepor = \"1s\""));
+        assert!(e.message.contains("unknown field `repor`"), "{e}");
+        assert_eq!(e.line, 13);
+
+        let e = err(&GOOD.replace("connect = \"2s\"", "connect = \"soon\""));
+        assert!(e.message.contains("not a duration"), "{e}");
+        assert!(
+            err(&GOOD.replace("name = \"opi01\"", "name = \"../opi01\""))
+                .message
+                .contains("not a usable node name")
+        );
+        assert!(err(&GOOD.replace("10.42.0.0/16", "10.42.0.0/33"))
+            .message
+            .contains("not a CIDR"));
+        assert!(err("garbage = [").message.contains("invalid") || err("garbage = [").line == 1);
+        assert!(err("[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n")
+            .message
+            .contains("no [[nodes]]"));
+    }
+
+    #[test]
+    fn missing_tls_files_are_reported_when_required() {
+        let e = Inventory::parse(
+            GOOD,
+            Path::new("/nonexistent/cluster.toml"),
+            Load {
+                require_tls_files: true,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.message
+                .contains("tls.ca: /nonexistent/pki/ca.pem does not exist"),
+            "{e}"
+        );
+        assert_eq!(e.line, 8);
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

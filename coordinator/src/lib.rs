@@ -1,0 +1,8 @@
+//! cnishift, the coordinator: reads the inventory, asks every agent over
+//! mutual TLS, and (as the migration issues land) walks the nodes from
+//! Flannel to Cilium one at a time.
+
+pub mod agents;
+pub mod certs;
+pub mod inventory;
+pub mod render;

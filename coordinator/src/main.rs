@@ -1,0 +1,195 @@
+//! `cnishift`: the command line. Everything it does lives in the library.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use cnishift::inventory::{Inventory, Load};
+use cnishift::{agents, certs, render};
+
+/// Exit codes (also in the README).
+const EXIT_OK: u8 = 0;
+const EXIT_NOT_READY: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "cnishift",
+    version,
+    about = "Move a k3s cluster from Flannel to Cilium, node by node",
+    long_about = "The coordinator: reads the inventory (cluster.toml), talks to every node's cnishift-agent \
+                  over mutual-TLS gRPC, and checks, then migrates, the cluster.\n\n\
+                  Logs go to stderr; set RUST_LOG=debug for more.",
+    after_help = "Exit codes: 0 success (every node ready), 1 some node not ready or unreachable, 2 usage, inventory or TLS error.\n\n\
+                  Getting started:\n  cnishift certs init --dir pki\n  cnishift certs issue --dir pki --coordinator\n  \
+                  cnishift certs issue --dir pki --node opi01 --ip 10.1.0.11\n  cnishift preflight -i cluster.toml"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the cluster CA and issue agent and coordinator certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Ask every agent at once whether its node is ready for Cilium.
+    #[command(
+        after_help = "Each agent has its own deadline ([deadlines] connect/report in the inventory): a dead,\n\
+                            slow or impostor agent is reported as such and the others still report.\n\n\
+                            Exit codes: 0 every node ready, 1 some node not ready or not reachable, 2 bad inventory or TLS files."
+    )]
+    Preflight(PreflightArgs),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create ca.pem and ca-key.pem (0600) in DIR.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue NAME.pem/NAME-key.pem for an agent, or coordinator.pem/coordinator-key.pem.
+    #[command(group = clap::ArgGroup::new("who").required(true).args(["node", "coordinator"]))]
+    Issue {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node name (the certificate's SAN; must match the inventory).
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        /// Issue the coordinator's certificate instead.
+        #[arg(long)]
+        coordinator: bool,
+        /// The coordinator identity to put in its certificate.
+        #[arg(long, default_value = certs::DEFAULT_COORDINATOR_IDENTITY, requires = "coordinator")]
+        identity: String,
+        /// An IP address to add as a SAN (repeatable).
+        #[arg(long, value_name = "IP")]
+        ip: Vec<IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct PreflightArgs {
+    /// The inventory.
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        default_value = "cluster.toml",
+        env = "CNISHIFT_INVENTORY"
+    )]
+    inventory: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Certs(c) => run_certs(c),
+        Command::Preflight(a) => run_preflight(a),
+    }
+}
+
+fn error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("cnishift: {e}");
+    ExitCode::from(EXIT_ERROR)
+}
+
+fn run_certs(cmd: CertsCommand) -> ExitCode {
+    let written = match cmd {
+        CertsCommand::Init { dir, days, force } => certs::init_ca(&dir, days, force),
+        CertsCommand::Issue {
+            dir,
+            node,
+            coordinator,
+            identity,
+            ip,
+            days,
+            force,
+        } => {
+            let (stem, name) = if coordinator {
+                ("coordinator".to_string(), identity)
+            } else {
+                let n = node.expect("clap requires one");
+                (n.clone(), n)
+            };
+            certs::issue_to_dir(
+                &dir,
+                &stem,
+                &certs::Spec::for_days(vec![name], ip, days),
+                force,
+            )
+        }
+    };
+    match written {
+        Ok(paths) => {
+            for p in paths {
+                println!("wrote {}", p.display());
+            }
+            ExitCode::from(EXIT_OK)
+        }
+        Err(e) => error(e),
+    }
+}
+
+fn run_preflight(args: PreflightArgs) -> ExitCode {
+    let inv = match Inventory::load(
+        &args.inventory,
+        Load {
+            require_tls_files: true,
+        },
+    ) {
+        Ok(i) => i,
+        Err(e) => return error(e),
+    };
+    let tls = match agents::ClientTls::load(&inv.tls) {
+        Ok(t) => t,
+        Err(e) => return error(e),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return error(format!("cannot start the async runtime: {e}")),
+    };
+    let outcomes = rt.block_on(agents::fan_out_reports(&inv.nodes, &tls, &inv.deadlines));
+    let text = match args.output {
+        Output::Json => render::preflight_json(&outcomes),
+        Output::Table => render::preflight_table(&outcomes),
+    };
+    print!("{text}");
+    let all_ready = outcomes
+        .iter()
+        .all(|o| render::status_of(o) == render::NodeStatus::Ready);
+    ExitCode::from(if all_ready { EXIT_OK } else { EXIT_NOT_READY })
+}
