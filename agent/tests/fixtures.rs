@@ -46,6 +46,14 @@ fn rk3588_config_fails_schedstats() {
         assert_eq!(verdict(&r, &format!("kernel.config.{o}")), "pass", "{o}");
     }
     assert_eq!(r["facts"]["kernel_config"]["options"]["NET_CLS_BPF"], "m");
+    // Every line of a real config is understood (it has lower-case symbols).
+    assert_eq!(
+        verdict(&r, "kernel.config.file"),
+        "pass",
+        "{}",
+        message(&r, "kernel.config.file")
+    );
+    assert_eq!(r["facts"]["kernel_config"]["malformed_count"], 0);
 }
 
 #[test]
@@ -69,6 +77,12 @@ fn pi4_config_passes_the_base_list() {
         "loadable"
     );
     assert_eq!(verdict(&r, "kernel.version"), "pass");
+    assert_eq!(
+        verdict(&r, "kernel.config.file"),
+        "pass",
+        "{}",
+        message(&r, "kernel.config.file")
+    );
     assert_eq!(r["facts"]["kernel"]["arch"], "aarch64");
     assert_eq!(r["node"], "raccoon00");
     // No failures at all: the live probes were skipped (warn), not failed.

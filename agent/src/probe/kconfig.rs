@@ -104,11 +104,10 @@ pub fn parse_bytes(bytes: &[u8]) -> KernelConfig {
     parse(&String::from_utf8_lossy(bytes))
 }
 
+/// Kconfig symbols are mostly upper case, but not all: real configs carry
+/// `CONFIG_SCSI_DC395x` and `CONFIG_MT76x02_LIB`.
 fn is_option_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn is_plausible_value(value: &str) -> bool {
@@ -241,8 +240,13 @@ mod tests {
 
     #[test]
     fn garbage_lines_are_counted_not_trusted() {
-        let cfg = parse("CONFIG_BPF=y\nthis is not config\nCONFIG_=y\nCONFIG_X=\"unterminated\nCONFIG_lower=y\n\u{0}\u{1}");
+        let cfg = parse("CONFIG_BPF=y\nthis is not config\nCONFIG_=y\nCONFIG_X=\"unterminated\nCONFIG_bad-name=y\n\u{0}\u{1}\nCONFIG_MT76x02_LIB=m");
         assert_eq!(cfg.get("BPF"), OptionValue::Y);
+        assert_eq!(
+            cfg.get("MT76x02_LIB"),
+            OptionValue::M,
+            "real symbols contain lower case"
+        );
         assert_eq!(cfg.malformed_count, 5);
         assert_eq!(cfg.malformed[0], (2, "this is not config".to_string()));
         assert!(
