@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod hostroot;
+pub mod loopback;
 pub mod netns;
 
 /// True when the caller may create namespaces; prints a loud SKIPPED line
