@@ -73,9 +73,12 @@ impl AgentService {
 
     async fn build_report(&self) -> Result<Report, Status> {
         let opts = self.report.clone();
-        tokio::task::spawn_blocking(move || report::build(&opts))
+        let start = std::time::Instant::now();
+        let r = tokio::task::spawn_blocking(move || report::build(&opts))
             .await
-            .map_err(|e| Status::internal(format!("the report task failed: {e}")))
+            .map_err(|e| Status::internal(format!("the report task failed: {e}")))?;
+        tracing::debug!(elapsed = ?start.elapsed(), checks = r.checks.len(), "report built");
+        Ok(r)
     }
 }
 
@@ -180,6 +183,11 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Without TCP_NODELAY a multi-segment reply can stall ~40 ms on the
+        // client's delayed ACK (Nagle); gRPC frames are already batched.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
+        }
         let acceptor = TlsAcceptor::from(tls.current());
         let tx = tx.clone();
         tokio::spawn(async move {

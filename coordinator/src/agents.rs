@@ -127,6 +127,7 @@ pub async fn connect(
         )
         .map_err(|e| CallError::Tls(chain(&e)))?
         .connect_timeout(deadlines.connect)
+        .tcp_nodelay(true)
         .timeout(deadlines.report);
     match tokio::time::timeout(deadlines.connect, endpoint.connect()).await {
         Err(_) => Err(CallError::Timeout(format!(
