@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 /// No check may pass whose input was unreadable: every kernel.config.* check
@@ -265,7 +263,7 @@ fn thin_memory_warns_and_too_little_fails() {
 fn a_host_root_that_is_not_a_directory_exits_2() {
     let file = tempfile::NamedTempFile::new().unwrap();
     for root in [file.path().to_str().unwrap(), "/nonexistent/cnishift-root"] {
-        let out = Command::new(agent_bin())
+        let out = agent_command()
             .args(["report", "--host-root", root])
             .output()
             .unwrap();
@@ -278,7 +276,7 @@ fn a_host_root_that_is_not_a_directory_exits_2() {
 
 #[test]
 fn bad_flags_are_a_usage_error() {
-    let out = Command::new(agent_bin())
+    let out = agent_command()
         .args(["report", "-o", "yaml"])
         .output()
         .unwrap();

@@ -163,6 +163,20 @@ pub fn agent_bin() -> &'static str {
     env!("CARGO_BIN_EXE_cnishift-agent")
 }
 
+/// A command that runs the agent binary under test, through
+/// `$CNISHIFT_TEST_RUNNER` (e.g. `qemu-aarch64-static`) when it is set: the
+/// aarch64 tests run on an x86_64 machine without binfmt_misc.
+pub fn agent_command() -> Command {
+    match std::env::var("CNISHIFT_TEST_RUNNER") {
+        Ok(runner) if !runner.is_empty() => {
+            let mut c = Command::new(runner);
+            c.arg(agent_bin());
+            c
+        }
+        _ => Command::new(agent_bin()),
+    }
+}
+
 /// Runs `cnishift-agent report --json` with `args`; returns (exit code, JSON).
 pub fn report_json(args: &[&str]) -> (i32, Value) {
     let out = Command::new(agent_bin())

@@ -1,0 +1,204 @@
+# NixOS module for cnishift.
+#
+#   services.cnishift-agent                    runs the agent (mutual-TLS gRPC) as a
+#                                              hardened systemd service
+#   services.cnishift.ciliumPrerequisites      the runbook's Phase 2 as one switch:
+#                                              modules, sysctls, bpffs, k3s flags
+{ config, lib, pkgs, ... }:
+
+let
+  inherit (lib) mkOption mkEnableOption mkIf types;
+  cfg = config.services.cnishift-agent;
+  stateUnderVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
+  prereq = config.services.cnishift.ciliumPrerequisites;
+
+  # systemd hands the TLS files over with LoadCredential: the service reads
+  # them from $CREDENTIALS_DIRECTORY (%d), never from the Nix store, and the
+  # original files may stay readable by root only.
+  credentialArgs = [
+    "--tls-ca"
+    "%d/ca.pem"
+    "--tls-cert"
+    "%d/cert.pem"
+    "--tls-key"
+    "%d/key.pem"
+  ];
+
+  serveArgs = [
+    "serve"
+    "--listen"
+    "${cfg.listenAddress}:${toString cfg.port}"
+    "--node-name"
+    cfg.nodeName
+    "--coordinator-identity"
+    cfg.coordinatorIdentity
+    "--state-dir"
+    cfg.stateDir
+  ] ++ credentialArgs ++ cfg.extraArgs;
+
+  absolutePath = types.addCheck types.str (p: builtins.substring 0 1 p == "/") // {
+    name = "absolutePath";
+    description = "absolute path (a string starting with /, kept out of the Nix store)";
+  };
+
+  # The paths cleanup may remove Flannel's leftovers from; everything else is
+  # read-only to the service (ProtectSystem=strict).
+  cleanupPaths = [
+    "/etc/cni/net.d"
+    "/var/lib/rancher/k3s/agent/etc/cni/net.d"
+    "/var/lib/rancher/k3s/agent/etc/flannel"
+    "/run/flannel"
+    "/var/lib/cni"
+  ];
+in
+{
+  options.services.cnishift-agent = {
+    enable = mkEnableOption "the cnishift agent, which checks this node for Cilium and does the node-local migration work";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      description = "The cnishift package providing bin/cnishift-agent.";
+    };
+
+    nodeName = mkOption {
+      type = types.str;
+      default = config.networking.hostName;
+      description = "The node name; the agent's certificate must carry it as a DNS SAN.";
+    };
+
+    listenAddress = mkOption {
+      type = types.str;
+      default = "0.0.0.0";
+      description = "Address the gRPC listener binds to.";
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 7443;
+      description = "TCP port of the agent's mutual-TLS gRPC listener.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the agent's port in the NixOS firewall.";
+    };
+
+    tls = {
+      caFile = mkOption {
+        type = absolutePath;
+        description = "Path (not contents) of the cluster CA certificate; handed to the service with LoadCredential.";
+      };
+      certFile = mkOption {
+        type = absolutePath;
+        description = "Path of this agent's certificate (SAN = nodeName).";
+      };
+      keyFile = mkOption {
+        type = absolutePath;
+        description = "Path of this agent's private key (e.g. a sops-nix secret).";
+      };
+    };
+
+    coordinatorIdentity = mkOption {
+      type = types.str;
+      default = "cnishift-coordinator";
+      description = "The certificate identity (SAN) allowed to call changing RPCs.";
+    };
+
+    rollback.command = mkOption {
+      type = types.str;
+      default = "{armed_system}/bin/switch-to-configuration switch";
+      description = ''
+        Command the dead-man rollback runs when a switched node is not confirmed in time.
+        `{armed_system}` is the /run/current-system the agent recorded when the switch was
+        armed, so the default switches back to the NixOS generation current at that moment.
+      '';
+    };
+
+    stateDir = mkOption {
+      type = absolutePath;
+      default = "/var/lib/cnishift-agent";
+      description = "The agent's state (backups, journals, the armed rollback); created by systemd.";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Extra arguments for `cnishift-agent serve`.";
+    };
+  };
+
+  options.services.cnishift.ciliumPrerequisites = {
+    enable = mkEnableOption "the kernel modules, sysctls, bpffs mount and k3s flags Cilium needs (the runbook's Phase 2)";
+  };
+
+  config = lib.mkMerge [
+    (mkIf cfg.enable {
+      systemd.services.cnishift-agent = {
+        description = "cnishift agent: Cilium readiness and node-local migration work";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "network-online.target" ];
+        wants = [ "network-online.target" ];
+        # ip for interface cleanup, iptables-save/-restore for chains, modprobe for remediation.
+        path = [ pkgs.iproute2 pkgs.iptables pkgs.kmod ];
+        environment.CNISHIFT_ROLLBACK_COMMAND = cfg.rollback.command;
+        serviceConfig = {
+          ExecStart = lib.escapeShellArgs ([ "${cfg.package}/bin/cnishift-agent" ] ++ serveArgs);
+          Restart = "on-failure";
+          RestartSec = "5s";
+          # systemd creates the state directory when it is under /var/lib;
+          # elsewhere it must exist and is made writable below.
+          StateDirectory = mkIf stateUnderVarLib (lib.removePrefix "/var/lib/" cfg.stateDir);
+          StateDirectoryMode = "0700";
+          LoadCredential = [
+            "ca.pem:${cfg.tls.caFile}"
+            "cert.pem:${cfg.tls.certFile}"
+            "key.pem:${cfg.tls.keyFile}"
+          ];
+          # Hardening. Each capability is here for a reason:
+          #   CAP_BPF, CAP_PERFMON  load the test programs and maps the eBPF probes need
+          #   CAP_SYS_ADMIN         bpf() on kernels older than 5.8, and reading bpffs/cgroup2 mounts
+          #   CAP_NET_ADMIN         remove Flannel's interfaces, routes and iptables chains; set net sysctls
+          #   CAP_SYS_MODULE        remediation loads missing modules (modprobe)
+          #   CAP_DAC_READ_SEARCH   read /proc/config.gz and k3s's files owned by root
+          CapabilityBoundingSet = [ "CAP_BPF" "CAP_PERFMON" "CAP_SYS_ADMIN" "CAP_NET_ADMIN" "CAP_SYS_MODULE" "CAP_DAC_READ_SEARCH" ];
+          NoNewPrivileges = true;
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          ReadWritePaths = cleanupPaths ++ lib.optional (!stateUnderVarLib) cfg.stateDir;
+          ProtectKernelTunables = false; # remediation writes net sysctls
+          ProtectKernelModules = false; # remediation loads modules
+          RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_NETLINK" "AF_UNIX" ];
+          LockPersonality = true;
+          RestrictRealtime = true;
+          SystemCallArchitectures = "native";
+        };
+      };
+      networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
+    })
+
+    (mkIf prereq.enable {
+      boot.kernelModules = [ "xt_socket" "xt_mark" "xt_conntrack" "br_netfilter" "overlay" ];
+      boot.kernel.sysctl = {
+        "net.ipv4.ip_forward" = 1;
+        "net.ipv4.conf.all.forwarding" = 1;
+        "net.bridge.bridge-nf-call-iptables" = 1;
+        # systemd's default rp_filter=2 drops Cilium's pod traffic.
+        "net.ipv4.conf.all.rp_filter" = 0;
+        "net.ipv4.conf.default.rp_filter" = 0;
+      };
+      fileSystems."/sys/fs/bpf" = {
+        device = "bpffs";
+        fsType = "bpf";
+        options = [ "rw" "nosuid" "nodev" "noexec" "relatime" "mode=700" ];
+      };
+      # Only servers carry these flags; agents follow their server.
+      services.k3s.extraFlags = mkIf (config.services.k3s.role == "server") [
+        "--flannel-backend=none"
+        "--disable-network-policy"
+      ];
+    })
+  ];
+}
