@@ -236,7 +236,7 @@ fn flannel_leftovers_in_a_real_network_namespace() {
         eprintln!("SKIPPED part: iptables is not installed");
     }
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, agent_bin(), "report", "--json"])
+        .args(["netns", "exec", &ns.0, &agent_bin(), "report", "--json"])
         .output()
         .unwrap();
     let r: Value = serde_json::from_slice(&out.stdout)
@@ -282,7 +282,7 @@ fn a_clean_namespace_has_no_flannel_leftovers() {
     // Cilium's own cilium_host/cilium_net are a veth pair.
     ns.run("ip link add cilium_host type veth peer name cilium_net");
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, agent_bin(), "report", "--json"])
+        .args(["netns", "exec", &ns.0, &agent_bin(), "report", "--json"])
         .output()
         .unwrap();
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -159,13 +159,16 @@ pub fn pi4_fixture(config: &str) -> Fixture {
     f
 }
 
-pub fn agent_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cnishift-agent")
+/// The agent binary under test: this build's, or `$CNISHIFT_AGENT_BIN` (the
+/// aarch64 build, run through `$CNISHIFT_TEST_RUNNER`).
+pub fn agent_bin() -> String {
+    std::env::var("CNISHIFT_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_cnishift-agent").to_string())
 }
 
 /// A command that runs the agent binary under test, through
 /// `$CNISHIFT_TEST_RUNNER` (e.g. `qemu-aarch64-static`) when it is set: the
-/// aarch64 tests run on an x86_64 machine without binfmt_misc.
+/// aarch64 agent is tested on an x86_64 machine without binfmt_misc.
 pub fn agent_command() -> Command {
     match std::env::var("CNISHIFT_TEST_RUNNER") {
         Ok(runner) if !runner.is_empty() => {
@@ -179,7 +182,7 @@ pub fn agent_command() -> Command {
 
 /// Runs `cnishift-agent report --json` with `args`; returns (exit code, JSON).
 pub fn report_json(args: &[&str]) -> (i32, Value) {
-    let out = Command::new(agent_bin())
+    let out = agent_command()
         .arg("report")
         .arg("--json")
         .args(args)
