@@ -3,6 +3,7 @@
 //! The flow of a fact is one way: [`probe`] reads the node, [`policy`] judges,
 //! [`report`] assembles, and [`render`] (or the gRPC server) ships it.
 
+pub mod cleanup;
 pub mod host;
 pub mod policy;
 pub mod probe;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use cnishift_agent::host::HostPaths;
-use cnishift_agent::{remediate, render, report, server, tls};
+use cnishift_agent::{cleanup, remediate, render, report, server, tls};
 
 /// Exit codes (also in the README).
 const EXIT_READY: u8 = 0;
@@ -49,6 +49,50 @@ enum Command {
     Serve(ServeArgs),
     /// Set the sysctls the report flags and load missing loadable modules (dry run by default).
     Remediate(RemediateArgs),
+    /// Remove what Flannel left on this node (dry run by default; --apply does it, with backups).
+    #[command(
+        after_help = "What it removes is fixed in the agent: the veths on cni0, cni0, flannel.1, flannel-v6.1,\n\
+                            flannel-wg, flannel-wg-v6 (their routes go with them); 10-flannel.conflist in both CNI\n\
+                            directories, k3s's flannel/net-conf.json, /run/flannel, /var/lib/cni/networks/cbr0,\n\
+                            /var/lib/cni/flannel; FLANNEL-* iptables chains (and KUBE-ROUTER-* when k3s's policy\n\
+                            controller is disabled). Every file is backed up first: `cnishift-agent restore ID`.\n\n\
+                            It refuses while Flannel is still the active CNI. --force overrides only 'pods still on\n\
+                            cni0' and 'Cilium not present yet'.\n\n\
+                            Exit codes: 0 nothing refused (plan) / every item removed (--apply), 1 refused or an\n\
+                            item failed, 2 could not run."
+    )]
+    Cleanup(CleanupArgs),
+    /// Put back the files of a cleanup backup (`cnishift-agent cleanup --apply` prints its id).
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    /// Perform the plan (default: only print it).
+    #[arg(long)]
+    apply: bool,
+    /// Override the overridable interlocks (pods still on cni0, Cilium not present yet).
+    #[arg(long)]
+    force: bool,
+    /// Where backups and the cleanup journal are kept.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/cnishift-agent")]
+    state_dir: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The backup id.
+    id: String,
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/cnishift-agent")]
+    state_dir: PathBuf,
+    /// Restore under DIR instead of `/`.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    host_root: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -152,6 +196,8 @@ fn main() -> ExitCode {
         Command::Report(args) => run_report(args),
         Command::Serve(args) => run_serve(args),
         Command::Remediate(args) => run_remediate(args),
+        Command::Cleanup(args) => run_cleanup(args),
+        Command::Restore(args) => run_restore(args),
     }
 }
 
@@ -229,6 +275,7 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         let service = server::AgentService {
             report: std::sync::Arc::new(opts),
             coordinator_identity: args.coordinator_identity,
+            state_dir: args.state_dir,
         };
         server::serve(listener, live, service, shutdown_signal())
             .await
@@ -319,4 +366,143 @@ fn run_remediate(args: RemediateArgs) -> ExitCode {
     }
     let failed = steps.iter().any(|s| matches!(s.outcome, Some(Err(_))));
     ExitCode::from(if failed { EXIT_NOT_READY } else { EXIT_READY })
+}
+
+fn run_cleanup(args: CleanupArgs) -> ExitCode {
+    let opts = match args.host.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("cnishift-agent: {e}");
+            return ExitCode::from(EXIT_AGENT_ERROR);
+        }
+    };
+    let r = report::build(&opts);
+    let plan = cleanup::plan(&r, &opts.host, args.force, opts.live);
+    let json = matches!(args.output, Output::Json);
+    if !json {
+        print!("{}", render_plan(&opts.node_name, &plan, args.apply));
+    }
+    if !args.apply {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&plan).unwrap_or_default()
+            );
+        }
+        return ExitCode::from(if plan.allowed() {
+            EXIT_READY
+        } else {
+            EXIT_NOT_READY
+        });
+    }
+    if let Err(e) = prepare_state_dir(&args.state_dir) {
+        eprintln!("cnishift-agent cleanup: {e}");
+        return ExitCode::from(EXIT_AGENT_ERROR);
+    }
+    let store = cleanup::Store {
+        state_dir: args.state_dir,
+    };
+    let result = cleanup::apply(&plan, &opts.host, &store, |o| {
+        if !json {
+            println!(
+                "  {} {:<44} {}",
+                if o.ok { "✓" } else { "✗" },
+                o.item,
+                o.message
+            );
+        }
+    });
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result).unwrap_or_default()
+        );
+    } else if !result.refused.is_empty() {
+        println!("refused: nothing was removed");
+    } else if let Some(id) = &result.backup_id {
+        println!(
+            "backup {id} (restore with: cnishift-agent restore {id} --state-dir {})",
+            store.state_dir.display()
+        );
+    }
+    let ok = result.refused.is_empty() && result.outcomes.iter().all(|o| o.ok);
+    ExitCode::from(if ok { EXIT_READY } else { EXIT_NOT_READY })
+}
+
+fn render_plan(node: &str, plan: &cleanup::Plan, apply: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "cleanup plan for {node}{}:",
+        if apply {
+            ""
+        } else {
+            " (dry run: --apply performs it)"
+        }
+    );
+    if plan.items.is_empty() {
+        let _ = writeln!(out, "  nothing of Flannel's is left");
+    }
+    for i in &plan.items {
+        let _ = writeln!(out, "  - {:<46} {}", i.id, i.why);
+    }
+    for r in &plan.refusals {
+        let how = if r.overridable {
+            if plan.forced {
+                "overridden by --force"
+            } else {
+                "--force overrides"
+            }
+        } else {
+            "not overridable"
+        };
+        let _ = writeln!(
+            out,
+            "  {} {}: {} — {} ({how})",
+            if r.overridable && plan.forced {
+                "!"
+            } else {
+                "✗"
+            },
+            r.interlock,
+            r.reason,
+            r.fix
+        );
+    }
+    for n in &plan.notes {
+        let _ = writeln!(out, "  note: {n}");
+    }
+    for e in &plan.errors {
+        let _ = writeln!(out, "  error: {e}");
+    }
+    out
+}
+
+fn run_restore(args: RestoreArgs) -> ExitCode {
+    let host = match HostPaths::new(&args.host_root) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("cnishift-agent: {e}");
+            return ExitCode::from(EXIT_AGENT_ERROR);
+        }
+    };
+    match cleanup::restore(
+        &host,
+        &cleanup::Store {
+            state_dir: args.state_dir,
+        },
+        &args.id,
+    ) {
+        Ok(done) => {
+            for d in done {
+                println!("restored {d}");
+            }
+            ExitCode::from(EXIT_READY)
+        }
+        Err(e) => {
+            eprintln!("cnishift-agent restore: {e}");
+            ExitCode::from(EXIT_NOT_READY)
+        }
+    }
 }

@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::cleanup;
 use crate::policy::Verdict;
 use crate::remediate;
 use crate::report::{self, Report};
@@ -30,6 +31,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AgentService {
     pub report: std::sync::Arc<report::Options>,
     pub coordinator_identity: String,
+    /// Backups and the cleanup journal live here.
+    pub state_dir: std::path::PathBuf,
 }
 
 /// Who is calling, from the verified client certificate.
@@ -82,6 +85,39 @@ impl AgentService {
     }
 }
 
+fn refusal_proto(r: &cleanup::Refusal) -> pb::Refusal {
+    pb::Refusal {
+        interlock: r.interlock.clone(),
+        reason: r.reason.clone(),
+        fix: r.fix.clone(),
+        overridable: r.overridable,
+    }
+}
+
+pub fn plan_proto(node: &str, p: &cleanup::Plan) -> pb::CleanupPlan {
+    pb::CleanupPlan {
+        node: node.to_string(),
+        items: p
+            .items
+            .iter()
+            .map(|i| pb::CleanupItem {
+                id: i.id.clone(),
+                kind: match i.target {
+                    cleanup::Target::Interface { .. } => "interface",
+                    cleanup::Target::Path { .. } => "path",
+                    cleanup::Target::Iptables { .. } => "iptables",
+                }
+                .into(),
+                why: i.why.clone(),
+            })
+            .collect(),
+        refusals: p.refusals.iter().map(refusal_proto).collect(),
+        allowed: p.allowed(),
+        errors: p.errors.clone(),
+        notes: p.notes.clone(),
+    }
+}
+
 pub fn to_proto(r: &Report) -> pb::NodeReport {
     pb::NodeReport {
         node: r.node.clone(),
@@ -115,8 +151,78 @@ pub fn to_proto(r: &Report) -> pb::NodeReport {
     }
 }
 
+impl AgentService {
+    async fn cleanup_plan(&self, force: bool) -> Result<cleanup::Plan, Status> {
+        let r = self.build_report().await?;
+        let opts = self.report.clone();
+        tokio::task::spawn_blocking(move || cleanup::plan(&r, &opts.host, force, opts.live))
+            .await
+            .map_err(|e| Status::internal(format!("the cleanup plan failed: {e}")))
+    }
+}
+
+type EventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::CleanupEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl NodeAgent for AgentService {
+    type ApplyCleanupStream = EventStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn plan_cleanup(
+        &self,
+        req: Request<pb::CleanupRequest>,
+    ) -> Result<Response<pb::CleanupPlan>, Status> {
+        self.require_coordinator(&req, cnishift_proto::methods::PLAN_CLEANUP)?;
+        let plan = self.cleanup_plan(req.get_ref().force).await?;
+        Ok(Response::new(plan_proto(&self.report.node_name, &plan)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn apply_cleanup(
+        &self,
+        req: Request<pb::CleanupRequest>,
+    ) -> Result<Response<Self::ApplyCleanupStream>, Status> {
+        self.require_coordinator(&req, cnishift_proto::methods::APPLY_CLEANUP)?;
+        let plan = self.cleanup_plan(req.get_ref().force).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let host = self.report.host.clone();
+        let store = cleanup::Store {
+            state_dir: self.state_dir.clone(),
+        };
+        tokio::task::spawn_blocking(move || {
+            let result = cleanup::apply(&plan, &host, &store, |o| {
+                let _ = tx.blocking_send(Ok(pb::CleanupEvent {
+                    item: o.item.clone(),
+                    ok: o.ok,
+                    message: o.message.clone(),
+                    backup_id: String::new(),
+                    refused: vec![],
+                }));
+            });
+            let summary = if result.refused.is_empty() {
+                let failed = result.outcomes.iter().filter(|o| !o.ok).count();
+                pb::CleanupEvent {
+                    item: "*".into(),
+                    ok: failed == 0,
+                    message: format!("{} items, {failed} failed", result.outcomes.len()),
+                    backup_id: result.backup_id.unwrap_or_default(),
+                    refused: vec![],
+                }
+            } else {
+                pb::CleanupEvent {
+                    item: "*".into(),
+                    ok: false,
+                    message: "refused: an interlock holds; nothing was removed".into(),
+                    backup_id: String::new(),
+                    refused: result.refused.iter().map(refusal_proto).collect(),
+                }
+            };
+            let _ = tx.blocking_send(Ok(summary));
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     #[tracing::instrument(skip_all, fields(peer = tracing::field::Empty))]
     async fn get_report(
         &self,

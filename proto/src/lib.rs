@@ -12,7 +12,9 @@ pub mod v1 {
 pub mod methods {
     pub const GET_REPORT: &str = "/cnishift.v1.NodeAgent/GetReport";
     pub const REMEDIATE: &str = "/cnishift.v1.NodeAgent/Remediate";
+    pub const PLAN_CLEANUP: &str = "/cnishift.v1.NodeAgent/PlanCleanup";
+    pub const APPLY_CLEANUP: &str = "/cnishift.v1.NodeAgent/ApplyCleanup";
 
-    /// Methods that change the node. Everything not listed here is read-only.
-    pub const CHANGING: &[&str] = &[REMEDIATE];
+    /// Methods that change the node (or plan to). Everything else is read-only.
+    pub const CHANGING: &[&str] = &[REMEDIATE, PLAN_CLEANUP, APPLY_CLEANUP];
 }
