@@ -218,6 +218,64 @@ pub async fn remediate(
         })
 }
 
+/// Asks the agent what its cleanup would remove (coordinator identity only).
+pub async fn plan_cleanup(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    force: bool,
+) -> Result<pb::CleanupPlan, CallError> {
+    let call = async {
+        let ch = connect(node, tls, deadlines).await?;
+        NodeAgentClient::new(ch)
+            .plan_cleanup(pb::CleanupRequest { force })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| status_error(node, s))
+    };
+    tokio::time::timeout(deadlines.report, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(CallError::Timeout(format!(
+                "no cleanup plan from {} within {:?}",
+                node.address, deadlines.report
+            )))
+        })
+}
+
+/// Runs the agent's cleanup, handing each event to `on_event` as it arrives;
+/// the whole run must finish within `deadlines.cleanup`.
+pub async fn apply_cleanup(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    force: bool,
+    mut on_event: impl FnMut(&pb::CleanupEvent),
+) -> Result<Vec<pb::CleanupEvent>, CallError> {
+    let call = async {
+        let ch = connect(node, tls, deadlines).await?;
+        let mut stream = NodeAgentClient::new(ch)
+            .apply_cleanup(pb::CleanupRequest { force })
+            .await
+            .map_err(|s| status_error(node, s))?
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(ev) = stream.message().await.map_err(|s| status_error(node, s))? {
+            on_event(&ev);
+            events.push(ev);
+        }
+        Ok(events)
+    };
+    tokio::time::timeout(deadlines.cleanup, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(CallError::Timeout(format!(
+                "cleanup on {} did not finish within {:?}",
+                node.address, deadlines.cleanup
+            )))
+        })
+}
+
 /// One node's answer in a fan-out.
 #[derive(Debug, Clone)]
 pub struct Outcome {

@@ -53,6 +53,9 @@ pub struct Deadlines {
     /// One agent's report, from the start of the call.
     #[serde(with = "humantime_str")]
     pub report: Duration,
+    /// One node's whole cleanup apply.
+    #[serde(with = "humantime_str")]
+    pub cleanup: Duration,
 }
 
 impl Default for Deadlines {
@@ -60,6 +63,7 @@ impl Default for Deadlines {
         Deadlines {
             connect: Duration::from_secs(3),
             report: Duration::from_secs(10),
+            cleanup: Duration::from_secs(120),
         }
     }
 }
@@ -164,6 +168,7 @@ struct RawTls {
 struct RawDeadlines {
     connect: Option<Spanned<String>>,
     report: Option<Spanned<String>>,
+    cleanup: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -267,6 +272,7 @@ impl Inventory {
         let deadlines = Deadlines {
             connect: duration(&raw.deadlines.connect, "connect", defaults.connect)?,
             report: duration(&raw.deadlines.report, "report", defaults.report)?,
+            cleanup: duration(&raw.deadlines.cleanup, "cleanup", defaults.cleanup)?,
         };
 
         let cluster = Cluster {

@@ -43,6 +43,39 @@ enum Command {
                             Exit codes: 0 every node ready, 1 some node not ready or not reachable, 2 bad inventory or TLS files."
     )]
     Preflight(PreflightArgs),
+    /// Remove what Flannel left, node by node: each node's plan first, then (with --apply) the cleanup.
+    #[command(
+        after_help = "Nodes are done one at a time, controllers first. The run halts at the first node whose\n\
+                            agent refuses (an interlock holds) or whose cleanup fails; the nodes after it are not touched.\n\
+                            Every agent backs up what it removes (cnishift-agent restore ID on the node).\n\n\
+                            Exit codes: 0 every plan allowed (dry run) / every node cleaned, 1 refused or failed, 2 usage error."
+    )]
+    Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    /// The inventory.
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        default_value = "cluster.toml",
+        env = "CNISHIFT_INVENTORY"
+    )]
+    inventory: PathBuf,
+    /// Every node in the inventory.
+    #[arg(long, conflicts_with = "nodes")]
+    all: bool,
+    /// The nodes to clean up, by name.
+    #[arg(value_name = "NODE", required_unless_present = "all")]
+    nodes: Vec<String>,
+    /// Perform the cleanup (default: show each node's plan).
+    #[arg(long)]
+    apply: bool,
+    /// Pass --force to the agents (overrides only 'pods still on cni0' and 'Cilium not present yet').
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +149,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Certs(c) => run_certs(c),
         Command::Preflight(a) => run_preflight(a),
+        Command::Cleanup(a) => run_cleanup(a),
     }
 }
 
@@ -192,4 +226,119 @@ fn run_preflight(args: PreflightArgs) -> ExitCode {
         .iter()
         .all(|o| render::status_of(o) == render::NodeStatus::Ready);
     ExitCode::from(if all_ready { EXIT_OK } else { EXIT_NOT_READY })
+}
+
+fn run_cleanup(args: CleanupArgs) -> ExitCode {
+    let inv = match Inventory::load(
+        &args.inventory,
+        Load {
+            require_tls_files: true,
+        },
+    ) {
+        Ok(i) => i,
+        Err(e) => return error(e),
+    };
+    let mut nodes: Vec<cnishift::inventory::Node> = if args.all {
+        inv.nodes.clone()
+    } else {
+        let mut v = Vec::new();
+        for name in &args.nodes {
+            match inv.node(name) {
+                Some(n) => v.push(n.clone()),
+                None => return error(format!("{name:?} is not in {}", inv.path.display())),
+            }
+        }
+        v
+    };
+    // Controllers first, in inventory order otherwise.
+    nodes.sort_by_key(|n| n.role);
+    let tls = match agents::ClientTls::load(&inv.tls) {
+        Ok(t) => t,
+        Err(e) => return error(e),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return error(format!("cannot start the async runtime: {e}")),
+    };
+    let mut all_allowed = true;
+    for (i, node) in nodes.iter().enumerate() {
+        let plan = match rt.block_on(agents::plan_cleanup(node, &tls, &inv.deadlines, args.force)) {
+            Ok(p) => p,
+            Err(e) => {
+                println!("{}: {e}", node.name);
+                println!(
+                    "halting: {} could not be asked; {} nodes not touched",
+                    node.name,
+                    nodes.len() - i - 1
+                );
+                return ExitCode::from(EXIT_NOT_READY);
+            }
+        };
+        print!("{}", render::cleanup_plan(&plan));
+        if !plan.allowed {
+            all_allowed = false;
+            if args.apply {
+                println!(
+                    "halting: {} refuses cleanup; {} nodes not touched",
+                    node.name,
+                    nodes.len() - i - 1
+                );
+                return ExitCode::from(EXIT_NOT_READY);
+            }
+            continue;
+        }
+        if !args.apply {
+            continue;
+        }
+        let events = rt.block_on(agents::apply_cleanup(
+            node,
+            &tls,
+            &inv.deadlines,
+            args.force,
+            |ev| {
+                if ev.item != "*" {
+                    println!(
+                        "  {} {:<46} {}",
+                        if ev.ok { "✓" } else { "✗" },
+                        ev.item,
+                        ev.message
+                    );
+                }
+            },
+        ));
+        let done = match events {
+            Ok(evs) => evs.into_iter().find(|e| e.item == "*"),
+            Err(e) => {
+                println!("halting: cleanup on {} failed: {e}", node.name);
+                return ExitCode::from(EXIT_NOT_READY);
+            }
+        };
+        match done {
+            Some(d) if d.ok => println!(
+                "  {}: {} (backup {} on the node)",
+                node.name, d.message, d.backup_id
+            ),
+            Some(d) => {
+                println!(
+                    "halting: {} — {}; {} nodes not touched",
+                    node.name,
+                    d.message,
+                    nodes.len() - i - 1
+                );
+                return ExitCode::from(EXIT_NOT_READY);
+            }
+            None => {
+                println!("halting: {} ended its cleanup without a summary", node.name);
+                return ExitCode::from(EXIT_NOT_READY);
+            }
+        }
+    }
+    ExitCode::from(if args.apply || all_allowed {
+        EXIT_OK
+    } else {
+        EXIT_NOT_READY
+    })
 }

@@ -273,3 +273,39 @@ pub fn preflight_table(outcomes: &[Outcome]) -> String {
     );
     out
 }
+
+/// A node's cleanup plan as the agent sent it.
+pub fn cleanup_plan(p: &pb::CleanupPlan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}: {}",
+        p.node,
+        if p.allowed {
+            "cleanup allowed"
+        } else {
+            "cleanup refused"
+        }
+    );
+    if p.items.is_empty() {
+        let _ = writeln!(out, "  nothing of Flannel's is left");
+    }
+    for i in &p.items {
+        let _ = writeln!(out, "  - {:<46} {}", i.id, i.why);
+    }
+    for r in &p.refusals {
+        let how = if r.overridable {
+            "--force overrides"
+        } else {
+            "not overridable"
+        };
+        let _ = writeln!(out, "  ✗ {}: {} — {} ({how})", r.interlock, r.reason, r.fix);
+    }
+    for n in &p.notes {
+        let _ = writeln!(out, "  note: {n}");
+    }
+    for e in &p.errors {
+        let _ = writeln!(out, "  error: {e}");
+    }
+    out
+}

@@ -74,6 +74,7 @@ fn main() {
     let deadlines = Deadlines {
         connect: Duration::from_secs(10),
         report: Duration::from_secs(30),
+        ..Default::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

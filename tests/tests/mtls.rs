@@ -18,6 +18,7 @@ fn deadlines() -> Deadlines {
     Deadlines {
         connect: Duration::from_secs(3),
         report: Duration::from_secs(10),
+        cleanup: Duration::from_secs(30),
     }
 }
 
@@ -225,6 +226,19 @@ async fn an_agent_identity_may_read_but_not_change() {
         "{}",
         status.message()
     );
+    for s in [
+        client
+            .plan_cleanup(pb::CleanupRequest { force: false })
+            .await
+            .unwrap_err(),
+        client
+            .apply_cleanup(pb::CleanupRequest { force: true })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ] {
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    }
     // The coordinator identity may.
     let r = agents::remediate(
         &node("n1", &agent),
