@@ -349,10 +349,10 @@ fn run_remediate(args: RemediateArgs) -> ExitCode {
                 println!("nothing to remediate");
             }
             for s in &steps {
-                let status = match &s.outcome {
-                    None => "would do".to_string(),
-                    Some(Ok(what)) => format!("done: {what}"),
-                    Some(Err(why)) => format!("FAILED: {why}"),
+                let status = match (s.ok, &s.outcome) {
+                    (Some(true), Some(what)) => format!("done: {what}"),
+                    (Some(false), Some(why)) => format!("FAILED: {why}"),
+                    _ => "would do".to_string(),
                 };
                 println!(
                     "{:<44} {:<48} {status}\n    permanent: {}",
@@ -364,7 +364,7 @@ fn run_remediate(args: RemediateArgs) -> ExitCode {
             }
         }
     }
-    let failed = steps.iter().any(|s| matches!(s.outcome, Some(Err(_))));
+    let failed = steps.iter().any(|s| s.ok == Some(false));
     ExitCode::from(if failed { EXIT_NOT_READY } else { EXIT_READY })
 }
 

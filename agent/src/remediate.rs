@@ -39,8 +39,10 @@ pub struct Step {
     pub action: String,
     /// The NixOS line that makes it survive a reboot.
     pub permanent: String,
-    /// `None` on a dry run; `Some(Ok(what happened))` / `Some(Err(why not))` once applied.
-    pub outcome: Option<Result<String, String>>,
+    /// `None` on a dry run; once applied, whether the step worked...
+    pub ok: Option<bool>,
+    /// ...and what happened, or why not.
+    pub outcome: Option<String>,
 }
 
 /// What would be done for this report. Modules come first, because loading
@@ -61,6 +63,7 @@ pub fn plan(report: &Report) -> Vec<Step> {
                 target: module.to_string(),
                 action: format!("modprobe {module}"),
                 permanent: format!("boot.kernelModules = [ \"{module}\" ];"),
+                ok: None,
                 outcome: None,
             });
         }
@@ -81,6 +84,7 @@ pub fn plan(report: &Report) -> Vec<Step> {
             target: key.to_string(),
             action: format!("{key}: {now} -> {want}"),
             permanent: format!("boot.kernel.sysctl.\"{key}\" = {want};"),
+            ok: None,
             outcome: None,
         });
     }
@@ -91,10 +95,12 @@ pub fn plan(report: &Report) -> Vec<Step> {
 /// stop the others.
 pub fn apply(host: &HostPaths, steps: &mut [Step]) {
     for step in steps.iter_mut() {
-        step.outcome = Some(match step.kind {
+        let result = match step.kind {
             Kind::Module => load_module(host, &step.target),
             Kind::Sysctl => set_sysctl(host, &step.target),
-        });
+        };
+        step.ok = Some(result.is_ok());
+        step.outcome = Some(result.unwrap_or_else(|e| e));
     }
 }
 

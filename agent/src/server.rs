@@ -261,8 +261,8 @@ impl NodeAgent for AgentService {
                     kind: format!("{:?}", s.kind).to_lowercase(),
                     action: s.action,
                     permanent: s.permanent,
-                    ok: matches!(s.outcome, Some(Ok(_))),
-                    outcome: s.outcome.map(|o| o.unwrap_or_else(|e| e)),
+                    ok: s.ok == Some(true),
+                    outcome: s.outcome,
                 })
                 .collect(),
         }))
