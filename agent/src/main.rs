@@ -201,13 +201,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The agent itself could not run: say why on stderr, exit 2.
+fn agent_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("cnishift-agent: {e}");
+    ExitCode::from(EXIT_AGENT_ERROR)
+}
+
 fn run_report(args: ReportArgs) -> ExitCode {
     let opts = match args.host.options() {
         Ok(o) => o,
-        Err(e) => {
-            eprintln!("cnishift-agent: {e}");
-            return ExitCode::from(EXIT_AGENT_ERROR);
-        }
+        Err(e) => return agent_error(e),
     };
     let r = report::build(&opts);
     let text = match (args.json, args.output) {
@@ -329,10 +332,7 @@ fn prepare_state_dir(dir: &std::path::Path) -> Result<(), String> {
 fn run_remediate(args: RemediateArgs) -> ExitCode {
     let opts = match args.host.options() {
         Ok(o) => o,
-        Err(e) => {
-            eprintln!("cnishift-agent: {e}");
-            return ExitCode::from(EXIT_AGENT_ERROR);
-        }
+        Err(e) => return agent_error(e),
     };
     let r = report::build(&opts);
     let mut steps = remediate::plan(&r);
@@ -371,10 +371,7 @@ fn run_remediate(args: RemediateArgs) -> ExitCode {
 fn run_cleanup(args: CleanupArgs) -> ExitCode {
     let opts = match args.host.options() {
         Ok(o) => o,
-        Err(e) => {
-            eprintln!("cnishift-agent: {e}");
-            return ExitCode::from(EXIT_AGENT_ERROR);
-        }
+        Err(e) => return agent_error(e),
     };
     let r = report::build(&opts);
     let plan = cleanup::plan(&r, &opts.host, args.force, opts.live);
@@ -482,10 +479,7 @@ fn render_plan(node: &str, plan: &cleanup::Plan, apply: bool) -> String {
 fn run_restore(args: RestoreArgs) -> ExitCode {
     let host = match HostPaths::new(&args.host_root) {
         Ok(h) => h,
-        Err(e) => {
-            eprintln!("cnishift-agent: {e}");
-            return ExitCode::from(EXIT_AGENT_ERROR);
-        }
+        Err(e) => return agent_error(e),
     };
     match cleanup::restore(
         &host,

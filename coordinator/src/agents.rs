@@ -161,35 +161,61 @@ fn status_error(node: &Node, s: tonic::Status) -> CallError {
     }
 }
 
+/// Connects to `node` and runs `call` on a client, the whole of it within
+/// `limit`: the one place every RPC gets its connection, its error
+/// classification and its deadline.
+async fn with_client<T, Fut>(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    limit: Duration,
+    what: &str,
+    call: impl FnOnce(NodeAgentClient<Channel>) -> Fut,
+) -> Result<T, CallError>
+where
+    Fut: std::future::Future<Output = Result<T, CallError>>,
+{
+    let run = async {
+        let ch = connect(node, tls, deadlines).await?;
+        call(NodeAgentClient::new(ch)).await
+    };
+    tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
+        Err(CallError::Timeout(format!(
+            "no {what} from {} within {limit:?}",
+            node.address
+        )))
+    })
+}
+
 /// Asks one agent for its report, all within `deadlines.report`.
 pub async fn get_report(
     node: &Node,
     tls: &ClientTls,
     deadlines: &Deadlines,
 ) -> Result<pb::NodeReport, CallError> {
-    let call = async {
-        let ch = connect(node, tls, deadlines).await?;
-        let report = NodeAgentClient::new(ch)
-            .max_decoding_message_size(16 * 1024 * 1024)
-            .get_report(pb::ReportRequest {})
-            .await
-            .map_err(|s| status_error(node, s))?
-            .into_inner();
-        if report.node != node.name {
-            return Err(CallError::WrongIdentity(format!(
-                "the agent at {} reports as {:?}, not {:?}",
-                node.address, report.node, node.name
-            )));
-        }
-        Ok(report)
-    };
-    match tokio::time::timeout(deadlines.report, call).await {
-        Ok(r) => r,
-        Err(_) => Err(CallError::Timeout(format!(
-            "no report from {} within {:?}",
-            node.address, deadlines.report
-        ))),
-    }
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        "report",
+        |c| async move {
+            let report = c
+                .max_decoding_message_size(16 * 1024 * 1024)
+                .get_report(pb::ReportRequest {})
+                .await
+                .map_err(|s| status_error(node, s))?
+                .into_inner();
+            if report.node != node.name {
+                return Err(CallError::WrongIdentity(format!(
+                    "the agent at {} reports as {:?}, not {:?}",
+                    node.address, report.node, node.name
+                )));
+            }
+            Ok(report)
+        },
+    )
+    .await
 }
 
 /// Asks the agent to remediate (a changing RPC: the agent allows it only to
@@ -200,22 +226,20 @@ pub async fn remediate(
     deadlines: &Deadlines,
     apply: bool,
 ) -> Result<pb::RemediateResult, CallError> {
-    let call = async {
-        let ch = connect(node, tls, deadlines).await?;
-        NodeAgentClient::new(ch)
-            .remediate(pb::RemediateRequest { apply })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| status_error(node, s))
-    };
-    tokio::time::timeout(deadlines.report, call)
-        .await
-        .unwrap_or_else(|_| {
-            Err(CallError::Timeout(format!(
-                "no answer from {} within {:?}",
-                node.address, deadlines.report
-            )))
-        })
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        "remediation result",
+        |mut c| async move {
+            c.remediate(pb::RemediateRequest { apply })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| status_error(node, s))
+        },
+    )
+    .await
 }
 
 /// Asks the agent what its cleanup would remove (coordinator identity only).
@@ -225,22 +249,20 @@ pub async fn plan_cleanup(
     deadlines: &Deadlines,
     force: bool,
 ) -> Result<pb::CleanupPlan, CallError> {
-    let call = async {
-        let ch = connect(node, tls, deadlines).await?;
-        NodeAgentClient::new(ch)
-            .plan_cleanup(pb::CleanupRequest { force })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| status_error(node, s))
-    };
-    tokio::time::timeout(deadlines.report, call)
-        .await
-        .unwrap_or_else(|_| {
-            Err(CallError::Timeout(format!(
-                "no cleanup plan from {} within {:?}",
-                node.address, deadlines.report
-            )))
-        })
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        "cleanup plan",
+        |mut c| async move {
+            c.plan_cleanup(pb::CleanupRequest { force })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| status_error(node, s))
+        },
+    )
+    .await
 }
 
 /// Runs the agent's cleanup, handing each event to `on_event` as it arrives;
@@ -252,28 +274,27 @@ pub async fn apply_cleanup(
     force: bool,
     mut on_event: impl FnMut(&pb::CleanupEvent),
 ) -> Result<Vec<pb::CleanupEvent>, CallError> {
-    let call = async {
-        let ch = connect(node, tls, deadlines).await?;
-        let mut stream = NodeAgentClient::new(ch)
-            .apply_cleanup(pb::CleanupRequest { force })
-            .await
-            .map_err(|s| status_error(node, s))?
-            .into_inner();
-        let mut events = Vec::new();
-        while let Some(ev) = stream.message().await.map_err(|s| status_error(node, s))? {
-            on_event(&ev);
-            events.push(ev);
-        }
-        Ok(events)
-    };
-    tokio::time::timeout(deadlines.cleanup, call)
-        .await
-        .unwrap_or_else(|_| {
-            Err(CallError::Timeout(format!(
-                "cleanup on {} did not finish within {:?}",
-                node.address, deadlines.cleanup
-            )))
-        })
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.cleanup,
+        "finished cleanup",
+        |mut c| async move {
+            let mut stream = c
+                .apply_cleanup(pb::CleanupRequest { force })
+                .await
+                .map_err(|s| status_error(node, s))?
+                .into_inner();
+            let mut events = Vec::new();
+            while let Some(ev) = stream.message().await.map_err(|s| status_error(node, s))? {
+                on_event(&ev);
+                events.push(ev);
+            }
+            Ok(events)
+        },
+    )
+    .await
 }
 
 /// One node's answer in a fan-out.

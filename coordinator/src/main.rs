@@ -195,26 +195,30 @@ fn run_certs(cmd: CertsCommand) -> ExitCode {
     }
 }
 
-fn run_preflight(args: PreflightArgs) -> ExitCode {
-    let inv = match Inventory::load(
-        &args.inventory,
+/// What every command that talks to agents needs: the inventory (with its
+/// TLS files), the client TLS material, and a runtime.
+fn connect_setup(
+    inventory: &std::path::Path,
+) -> Result<(Inventory, agents::ClientTls, tokio::runtime::Runtime), ExitCode> {
+    let inv = Inventory::load(
+        inventory,
         Load {
             require_tls_files: true,
         },
-    ) {
-        Ok(i) => i,
-        Err(e) => return error(e),
-    };
-    let tls = match agents::ClientTls::load(&inv.tls) {
-        Ok(t) => t,
-        Err(e) => return error(e),
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    )
+    .map_err(error)?;
+    let tls = agents::ClientTls::load(&inv.tls).map_err(error)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return error(format!("cannot start the async runtime: {e}")),
+        .map_err(|e| error(format!("cannot start the async runtime: {e}")))?;
+    Ok((inv, tls, rt))
+}
+
+fn run_preflight(args: PreflightArgs) -> ExitCode {
+    let (inv, tls, rt) = match connect_setup(&args.inventory) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let outcomes = rt.block_on(agents::fan_out_reports(&inv.nodes, &tls, &inv.deadlines));
     let text = match args.output {
@@ -229,14 +233,9 @@ fn run_preflight(args: PreflightArgs) -> ExitCode {
 }
 
 fn run_cleanup(args: CleanupArgs) -> ExitCode {
-    let inv = match Inventory::load(
-        &args.inventory,
-        Load {
-            require_tls_files: true,
-        },
-    ) {
-        Ok(i) => i,
-        Err(e) => return error(e),
+    let (inv, tls, rt) = match connect_setup(&args.inventory) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let mut nodes: Vec<cnishift::inventory::Node> = if args.all {
         inv.nodes.clone()
@@ -252,17 +251,6 @@ fn run_cleanup(args: CleanupArgs) -> ExitCode {
     };
     // Controllers first, in inventory order otherwise.
     nodes.sort_by_key(|n| n.role);
-    let tls = match agents::ClientTls::load(&inv.tls) {
-        Ok(t) => t,
-        Err(e) => return error(e),
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return error(format!("cannot start the async runtime: {e}")),
-    };
     let mut all_allowed = true;
     for (i, node) in nodes.iter().enumerate() {
         let plan = match rt.block_on(agents::plan_cleanup(node, &tls, &inv.deadlines, args.force)) {
