@@ -65,8 +65,10 @@ fn main() -> ExitCode {
                 lab.agents.len(),
                 dir.display()
             );
+            let coordinator = cnishift_lab::cluster::binary("cnishift", "CNISHIFT_BIN")?;
             println!(
-                "  ip netns exec {coord} cnishift preflight -i {}/cluster.toml",
+                "  ip netns exec {coord} {} preflight -i {}/cluster.toml",
+                coordinator.display(),
                 dir.display()
             );
             println!("Ctrl-C tears it down.");
