@@ -3,6 +3,7 @@
 //! namespace of its own; each runs the real `cnishift-agent`. Nothing here is
 //! linked into the shipped binaries.
 
+pub mod apiserver;
 pub mod cluster;
 pub mod hostroot;
 pub mod loopback;

@@ -34,17 +34,42 @@ enum Cmd {
         #[arg(long)]
         nodes: Option<usize>,
     },
+    /// Run the simulated Kubernetes API server alone (for kubectl and kube-rs), until Ctrl-C.
+    #[command(
+        after_help = "Example:\n  cnishift-lab apiserver --listen 127.0.0.1:16443 --kubeconfig-out /tmp/lab.kubeconfig --nodes 9 &\n  \
+                            KUBECONFIG=/tmp/lab.kubeconfig kubectl get nodes\n\n\
+                            Serves discovery, /version and Nodes (get, list, watch, patch) over plain HTTP on the given\n\
+                            address; pods, evictions, workloads, leases and events are not simulated yet."
+    )]
+    Apiserver {
+        #[arg(long, default_value = "127.0.0.1:16443")]
+        listen: std::net::SocketAddr,
+        /// Where to write a kubeconfig pointing at it.
+        #[arg(long, value_name = "FILE")]
+        kubeconfig_out: std::path::PathBuf,
+        /// Ready nodes to start with (the seed cluster's names first).
+        #[arg(long, default_value_t = 9)]
+        nodes: usize,
+    },
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .init();
+    let cli = Cli::parse();
+    if let Cmd::Apiserver {
+        listen,
+        kubeconfig_out,
+        nodes,
+    } = &cli.command
+    {
+        return run_apiserver(*listen, kubeconfig_out, *nodes);
+    }
     if !nix::unistd::geteuid().is_root() {
         eprintln!("cnishift-lab: needs root to create network namespaces");
         return ExitCode::from(2);
     }
-    let cli = Cli::parse();
     let nodes = |n: Option<usize>| n.map_or_else(seed_nodes, many_nodes);
     let result = match cli.command {
         Cmd::Preflight { nodes: n, output } => (|| -> anyhow::Result<u8> {
@@ -56,6 +81,7 @@ fn main() -> ExitCode {
                 .status()?;
             Ok(status.code().unwrap_or(2) as u8)
         })(),
+        Cmd::Apiserver { .. } => unreachable!("handled above"),
         Cmd::Up { nodes: n } => (|| -> anyhow::Result<u8> {
             let mut lab = Lab::up(&nodes(n), &LabOptions::default())?;
             let dir = lab.keep_dir().to_path_buf();
@@ -98,4 +124,53 @@ fn ctrlc_wait(tx: std::sync::mpsc::Sender<()>) {
         let _ = set.wait();
         let _ = tx.send(());
     });
+}
+
+fn run_apiserver(
+    listen: std::net::SocketAddr,
+    kubeconfig_out: &std::path::Path,
+    nodes: usize,
+) -> ExitCode {
+    let api = cnishift_lab::apiserver::ApiServer::new();
+    for (name, role) in seed_nodes()
+        .into_iter()
+        .chain(many_nodes(nodes).into_iter().skip(9))
+        .take(nodes)
+         {
+        api.add_node(&name, role == cnishift::inventory::Role::Controller, true);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cnishift-lab: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        std::fs::write(kubeconfig_out, cnishift_lab::apiserver::kubeconfig(addr))
+            .map_err(|e| format!("{}: {e}", kubeconfig_out.display()))?;
+        eprintln!(
+            "simulated API server on http://{addr}; kubeconfig in {}",
+            kubeconfig_out.display()
+        );
+        tokio::select! {
+            r = api.serve(listener) => r.map_err(|e| e.to_string()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cnishift-lab apiserver: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

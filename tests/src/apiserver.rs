@@ -1,0 +1,799 @@
+//! A simulated Kubernetes API server for the lab (never linked into the
+//! shipped binaries). It speaks the real HTTP/JSON API closely enough that the
+//! machine's own `kubectl` works against it: legacy discovery, `/version`,
+//! Nodes (get, list, watch with resourceVersions and bookmarks, patch in merge,
+//! strategic-merge and JSON-patch forms, server-side Table printing for
+//! `kubectl get`), and Status errors with the reasons a real server sends.
+//!
+//! The lab drives node readiness through [`ApiServer::set_node_ready`]; the
+//! server itself has no timers.
+//!
+//! This is the first slice of the simulated API server (issue: Kubernetes
+//! operations). Pods, evictions with PodDisruptionBudgets, workloads, Leases
+//! and Events are not served yet, and so are not advertised in discovery.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+/// One change, as a watch stream sends it.
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    kind: &'static str,
+    object: Value,
+}
+
+struct Store {
+    rv: u64,
+    nodes: BTreeMap<String, Value>,
+    /// Every change, for watches that resume from an older resourceVersion.
+    history: Vec<Change>,
+}
+
+/// The server's state; cheap to clone (shared).
+#[derive(Clone)]
+pub struct ApiServer {
+    store: Arc<Mutex<Store>>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Default for ApiServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A Node as k3s registers it.
+pub fn node_object(name: &str, controller: bool, ready: bool) -> Value {
+    let mut labels = json!({
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "arm64",
+        "node.kubernetes.io/instance-type": "k3s",
+    });
+    if controller {
+        labels["node-role.kubernetes.io/control-plane"] = json!("true");
+        labels["node-role.kubernetes.io/etcd"] = json!("true");
+        labels["node-role.kubernetes.io/master"] = json!("true");
+    }
+    json!({
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": name,
+            "uid": format!("00000000-0000-4000-8000-{:012x}", name.bytes().fold(0u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64)) & 0xffff_ffff_ffff),
+            "creationTimestamp": now_rfc3339(),
+            "labels": labels,
+        },
+        "spec": { "podCIDR": "10.42.0.0/24", "providerID": format!("k3s://{name}") },
+        "status": {
+            "conditions": [ready_condition(ready)],
+            "nodeInfo": {
+                "kubeletVersion": "v1.33.5+k3s1",
+                "architecture": "arm64",
+                "operatingSystem": "linux",
+                "kernelVersion": "6.6.64-current-bcm2711",
+                "osImage": "NixOS 25.05",
+                "containerRuntimeVersion": "containerd://2.0.5-k3s1",
+            },
+        },
+    })
+}
+
+fn ready_condition(ready: bool) -> Value {
+    let now = now_rfc3339();
+    json!({
+        "type": "Ready",
+        "status": if ready { "True" } else { "False" },
+        "reason": if ready { "KubeletReady" } else { "KubeletNotReady" },
+        "message": if ready { "kubelet is posting ready status" } else { "container runtime network not ready: NetworkReady=false" },
+        "lastHeartbeatTime": now,
+        "lastTransitionTime": now,
+    })
+}
+
+/// A Status error body, as the real server sends it.
+fn status(code: StatusCode, reason: &str, message: String, details: Value) -> Response {
+    let body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "details": details,
+        "code": code.as_u16(),
+    });
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn not_found(name: &str) -> Response {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("nodes \"{name}\" not found"),
+        json!({"name": name, "kind": "nodes"}),
+    )
+}
+
+fn json_response(v: &Value) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+impl ApiServer {
+    pub fn new() -> Self {
+        let (changes, _) = broadcast::channel(1024);
+        ApiServer {
+            store: Arc::new(Mutex::new(Store {
+                rv: 100,
+                nodes: BTreeMap::new(),
+                history: vec![],
+            })),
+            changes,
+        }
+    }
+
+    /// Stores `object` (a Node) under a fresh resourceVersion and tells watchers.
+    fn commit(&self, store: &mut Store, kind: &'static str, mut object: Value) -> Value {
+        store.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        store.nodes.insert(name, object.clone());
+        let change = Change {
+            rv: store.rv,
+            kind,
+            object: object.clone(),
+        };
+        store.history.push(change.clone());
+        let _ = self.changes.send(change);
+        object
+    }
+
+    /// Adds a node (as k3s does when its agent registers).
+    pub fn add_node(&self, name: &str, controller: bool, ready: bool) {
+        let mut store = self.store.lock().expect("store");
+        self.commit(&mut store, "ADDED", node_object(name, controller, ready));
+    }
+
+    /// The lab's hand on the kubelet: flips the node's Ready condition.
+    pub fn set_node_ready(&self, name: &str, ready: bool) -> bool {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut node) = store.nodes.get(name).cloned() else {
+            return false;
+        };
+        node["status"]["conditions"] = json!([ready_condition(ready)]);
+        self.commit(&mut store, "MODIFIED", node);
+        true
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.store.lock().expect("store").nodes.get(name).cloned()
+    }
+
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/version", get(version))
+            .route("/api", get(api_versions))
+            .route("/apis", get(api_groups))
+            .route("/api/v1", get(core_resources))
+            .route("/api/v1/nodes", get(list_nodes))
+            .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+            .fallback(|| async {
+                status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "the server could not find the requested resource".into(),
+                    json!({}),
+                )
+            })
+            .with_state(self)
+    }
+
+    /// Serves on `listener` until the runtime stops.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).await
+    }
+}
+
+/// A kubeconfig for `server` (`http://ADDR`), written for kubectl and kube-rs.
+pub fn kubeconfig(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: cnishift-lab\n  cluster:\n    server: http://{addr}\n\
+         users:\n- name: cnishift-lab\n  user:\n    token: lab\ncontexts:\n- name: cnishift-lab\n  context:\n    cluster: cnishift-lab\n    user: cnishift-lab\n\
+         current-context: cnishift-lab\n"
+    )
+}
+
+async fn version() -> Response {
+    json_response(&json!({
+        "major": "1", "minor": "33", "gitVersion": "v1.33.5+k3s1-cnishift-lab", "gitCommit": "0000000",
+        "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc",
+        "platform": "linux/arm64",
+    }))
+}
+
+async fn api_versions() -> Response {
+    // Legacy discovery (kubectl falls back to it from aggregated discovery).
+    json_response(
+        &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}]}),
+    )
+}
+
+async fn api_groups() -> Response {
+    json_response(&json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}))
+}
+
+async fn core_resources() -> Response {
+    json_response(&json!({
+        "kind": "APIResourceList",
+        "groupVersion": "v1",
+        "resources": [
+            {"name": "nodes", "singularName": "node", "namespaced": false, "kind": "Node",
+             "verbs": ["get", "list", "patch", "watch"], "shortNames": ["no"]},
+        ],
+    }))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ListParams {
+    watch: Option<String>,
+    field_selector: Option<String>,
+    label_selector: Option<String>,
+    resource_version: Option<String>,
+    timeout_seconds: Option<u64>,
+    allow_watch_bookmarks: Option<bool>,
+}
+
+/// `metadata.name=x` is the field selector kubectl and kube-rs use for one node.
+fn matches(node: &Value, p: &ListParams) -> bool {
+    if let Some(fs) = &p.field_selector {
+        for term in fs.split(',').filter(|t| !t.is_empty()) {
+            let (neg, (k, v)) = match term.split_once("!=") {
+                Some(kv) => (true, kv),
+                None => (
+                    false,
+                    term.split_once('=')
+                        .map(|(k, v)| (k, v.trim_start_matches('=')))
+                        .unwrap_or((term, "")),
+                ),
+            };
+            let actual = match k {
+                "metadata.name" => node["metadata"]["name"].as_str().unwrap_or(""),
+                "spec.unschedulable" => {
+                    if node["spec"]["unschedulable"] == json!(true) {
+                        "true"
+                    } else {
+                        "false"
+                    }
+                }
+                _ => return false,
+            };
+            if (actual == v) == neg {
+                return false;
+            }
+        }
+    }
+    if let Some(ls) = &p.label_selector {
+        for term in ls.split(',').filter(|t| !t.is_empty()) {
+            let ok = match term.split_once('=') {
+                Some((k, v)) => {
+                    node["metadata"]["labels"][k.trim_end_matches('=')]
+                        == json!(v.trim_start_matches('='))
+                }
+                None => node["metadata"]["labels"].get(term).is_some(),
+            };
+            if !ok {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get("accept")
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
+}
+
+fn age(created: &str) -> String {
+    // Good enough for a lab: the server lives minutes.
+    let _ = created;
+    "1m".into()
+}
+
+/// Server-side printing, as `kubectl get nodes` asks for it.
+fn node_table(nodes: &[&Value], rv: u64) -> Value {
+    let rows: Vec<Value> = nodes
+        .iter()
+        .map(|n| {
+            let ready = n["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready")).map(|c| c["status"] == "True").unwrap_or(false);
+            let mut st = if ready { "Ready".to_string() } else { "NotReady".to_string() };
+            if n["spec"]["unschedulable"] == json!(true) {
+                st.push_str(",SchedulingDisabled");
+            }
+            let mut roles: Vec<&str> = n["metadata"]["labels"]
+                .as_object()
+                .map(|l| l.keys().filter_map(|k| k.strip_prefix("node-role.kubernetes.io/")).collect())
+                .unwrap_or_default();
+            roles.sort();
+            let roles = if roles.is_empty() { "<none>".to_string() } else { roles.join(",") };
+            json!({
+                "cells": [n["metadata"]["name"], st, roles, age(n["metadata"]["creationTimestamp"].as_str().unwrap_or("")), n["status"]["nodeInfo"]["kubeletVersion"]],
+                "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": n["metadata"]},
+            })
+        })
+        .collect();
+    let col = |name: &str, ty: &str, prio: u8| json!({"name": name, "type": ty, "format": if name == "Name" { "name" } else { "" }, "description": name, "priority": prio});
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv.to_string()},
+        "columnDefinitions": [col("Name", "string", 0), col("Status", "string", 0), col("Roles", "string", 0), col("Age", "string", 0), col("Version", "string", 0)],
+        "rows": rows,
+    })
+}
+
+async fn list_nodes(
+    State(api): State<ApiServer>,
+    Query(p): Query<ListParams>,
+    headers: HeaderMap,
+) -> Response {
+    if p.watch.as_deref().is_some_and(|w| w == "true" || w == "1") {
+        return watch_nodes(api, p).await;
+    }
+    let store = api.store.lock().expect("store");
+    let items: Vec<&Value> = store.nodes.values().filter(|n| matches(n, &p)).collect();
+    if wants_table(&headers) {
+        return json_response(&node_table(&items, store.rv));
+    }
+    json_response(
+        &json!({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
+    )
+}
+
+async fn get_node(
+    State(api): State<ApiServer>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let store = api.store.lock().expect("store");
+    match store.nodes.get(&name) {
+        Some(n) if wants_table(&headers) => json_response(&node_table(&[n], store.rv)),
+        Some(n) => json_response(n),
+        None => not_found(&name),
+    }
+}
+
+/// A watch: the changes after `resourceVersion` (or every object, as ADDED,
+/// when it is empty or "0"), then live changes, one JSON object per line,
+/// until `timeoutSeconds`.
+async fn watch_nodes(api: ApiServer, p: ListParams) -> Response {
+    let (initial, rx, rv_now) = {
+        let store = api.store.lock().expect("store");
+        let rx = api.changes.subscribe();
+        let from: Option<u64> = p
+            .resource_version
+            .as_deref()
+            .filter(|v| !v.is_empty() && *v != "0")
+            .and_then(|v| v.parse().ok());
+        let oldest = store.history.first().map(|c| c.rv).unwrap_or(0);
+        if let Some(from) = from {
+            if from + 1 < oldest {
+                // The real server's answer when history is gone: 410 Gone.
+                return status(
+                    StatusCode::GONE,
+                    "Expired",
+                    format!("too old resource version: {from} ({oldest})"),
+                    json!({}),
+                );
+            }
+        }
+        let initial: Vec<Change> = match from {
+            Some(from) => store
+                .history
+                .iter()
+                .filter(|c| c.rv > from)
+                .cloned()
+                .collect(),
+            None => store
+                .nodes
+                .values()
+                .map(|n| Change {
+                    rv: store.rv,
+                    kind: "ADDED",
+                    object: n.clone(),
+                })
+                .collect(),
+        };
+        (initial, rx, store.rv)
+    };
+    let p = Arc::new(p);
+    let filter = p.clone();
+    let line = |kind: &str, object: &Value| {
+        Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
+    };
+    let mut head: Vec<Result<Bytes, Infallible>> = initial
+        .iter()
+        .filter(|c| matches(&c.object, &filter))
+        .map(|c| Ok(line(c.kind, &c.object)))
+        .collect();
+    if p.allow_watch_bookmarks == Some(true) {
+        head.push(Ok(line("BOOKMARK", &json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": rv_now.to_string()}}))));
+    }
+    let last_sent = initial.last().map(|c| c.rv).unwrap_or(rv_now);
+    let live = futures::stream::unfold(
+        (rx, filter, last_sent),
+        move |(mut rx, filter, last)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(c) if c.rv > last && matches(&c.object, &filter) => {
+                        let bytes = Bytes::from(format!(
+                            "{}\n",
+                            json!({"type": c.kind, "object": c.object})
+                        ));
+                        return Some((Ok::<_, Infallible>(bytes), (rx, filter, c.rv)));
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    let timeout = Duration::from_secs(p.timeout_seconds.unwrap_or(1800).min(3600));
+    use futures::StreamExt;
+    let stream = futures::stream::iter(head)
+        .chain(live)
+        .take_until(tokio::time::sleep(timeout));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .header("transfer-encoding", "chunked")
+        .body(Body::from_stream(stream))
+        .expect("valid response")
+}
+
+/// Lists merged by key in a strategic-merge patch of a Node.
+const MERGE_KEYS: &[(&str, &str)] = &[
+    ("conditions", "type"),
+    ("taints", "key"),
+    ("addresses", "type"),
+];
+
+/// RFC 7386 merge patch; with `strategic`, the keyed lists above merge by key.
+fn merge_patch(target: &mut Value, patch: &Value, strategic: bool) {
+    let Some(p) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let t = target.as_object_mut().expect("object");
+    for (k, v) in p {
+        if k.starts_with('$') {
+            continue; // strategic-merge directives ($retainKeys, $setElementOrder) need nothing here
+        }
+        if v.is_null() {
+            t.remove(k);
+            continue;
+        }
+        let key = MERGE_KEYS
+            .iter()
+            .find(|(list, _)| list == k)
+            .map(|(_, key)| *key);
+        match (
+            strategic,
+            key,
+            v.as_array(),
+            t.get_mut(k).and_then(|x| x.as_array_mut()),
+        ) {
+            (true, Some(key), Some(items), Some(existing)) => {
+                for item in items {
+                    match existing.iter_mut().find(|e| e[key] == item[key]) {
+                        Some(e) => merge_patch(e, item, true),
+                        None => existing.push(item.clone()),
+                    }
+                }
+            }
+            _ => merge_patch(t.entry(k.clone()).or_insert(Value::Null), v, strategic),
+        }
+    }
+}
+
+/// RFC 6902 JSON patch: add, remove, replace, test.
+fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
+    let ops = ops
+        .as_array()
+        .ok_or("a JSON patch is an array of operations")?;
+    for op in ops {
+        let path = op["path"]
+            .as_str()
+            .ok_or("every operation needs a \"path\"")?;
+        let (parent, last) = match path.rfind('/') {
+            Some(i) => (
+                &path[..i],
+                path[i + 1..].replace("~1", "/").replace("~0", "~"),
+            ),
+            None => return Err(format!("invalid path {path:?}")),
+        };
+        match op["op"].as_str() {
+            Some("test") => {
+                if target.pointer(path) != Some(&op["value"]) {
+                    return Err(format!("test operation failed at {path}"));
+                }
+            }
+            Some(kind @ ("add" | "replace")) => {
+                let value = op
+                    .get("value")
+                    .ok_or("add/replace need a \"value\"")?
+                    .clone();
+                let parent_v = target
+                    .pointer_mut(parent)
+                    .ok_or_else(|| format!("{parent:?} does not exist"))?;
+                match parent_v {
+                    Value::Object(m) => {
+                        if kind == "replace" && !m.contains_key(&last) {
+                            return Err(format!("replace: {path} does not exist"));
+                        }
+                        m.insert(last, value);
+                    }
+                    Value::Array(a) if last == "-" => a.push(value),
+                    Value::Array(a) => {
+                        let i: usize = last
+                            .parse()
+                            .map_err(|_| format!("bad array index in {path}"))?;
+                        if kind == "replace" && i < a.len() {
+                            a[i] = value;
+                        } else if i <= a.len() {
+                            a.insert(i, value);
+                        } else {
+                            return Err(format!("index out of range in {path}"));
+                        }
+                    }
+                    _ => return Err(format!("{parent:?} is not an object or array")),
+                }
+            }
+            Some("remove") => {
+                let parent_v = target
+                    .pointer_mut(parent)
+                    .ok_or_else(|| format!("{parent:?} does not exist"))?;
+                let removed = match parent_v {
+                    Value::Object(m) => m.remove(&last).is_some(),
+                    Value::Array(a) => last
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|i| *i < a.len())
+                        .map(|i| a.remove(i))
+                        .is_some(),
+                    _ => false,
+                };
+                if !removed {
+                    return Err(format!("remove: {path} does not exist"));
+                }
+            }
+            other => return Err(format!("unsupported operation {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+async fn patch_node(
+    State(api): State<ApiServer>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let ctype = headers
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let patch: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("the body of the request was in an unknown format: {e}"),
+                json!({}),
+            )
+        }
+    };
+    let mut store = api.store.lock().expect("store");
+    let Some(current) = store.nodes.get(&name).cloned() else {
+        return not_found(&name);
+    };
+    let mut next = current.clone();
+    let result = match ctype.as_str() {
+        "application/merge-patch+json" => {
+            merge_patch(&mut next, &patch, false);
+            Ok(())
+        }
+        "application/strategic-merge-patch+json" => {
+            merge_patch(&mut next, &patch, true);
+            Ok(())
+        }
+        "application/json-patch+json" => json_patch(&mut next, &patch),
+        other => {
+            return status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {other:?})"),
+                json!({}),
+            )
+        }
+    };
+    if let Err(e) = result {
+        // kubectl prints an Invalid status through its causes.
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("nodes \"{name}\" is invalid: {e}"),
+            json!({"name": name, "kind": "nodes", "causes": [{"reason": "FieldValueInvalid", "message": e, "field": "patch"}]}),
+        );
+    }
+    // Optimistic concurrency: a patch that names a resourceVersion must name the current one.
+    let sent_rv = patch
+        .get("metadata")
+        .and_then(|m| m.get("resourceVersion"))
+        .and_then(|r| r.as_str());
+    if let Some(rv) = sent_rv {
+        if Some(rv) != current["metadata"]["resourceVersion"].as_str() {
+            return status(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!("Operation cannot be fulfilled on nodes \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+                json!({"name": name, "kind": "nodes"}),
+            );
+        }
+    }
+    if next["metadata"]["name"] != current["metadata"]["name"] {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "metadata.name cannot be changed".into(),
+            json!({"name": name, "kind": "nodes"}),
+        );
+    }
+    if next == current {
+        return json_response(&current);
+    }
+    let stored = api.commit(&mut store, "MODIFIED", next);
+    json_response(&stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patches_delete_with_null_and_strategic_ones_merge_conditions_by_type() {
+        let mut n = node_object("a", false, false);
+        merge_patch(&mut n, &json!({"spec": {"unschedulable": true}}), true);
+        assert_eq!(n["spec"]["unschedulable"], true);
+        merge_patch(&mut n, &json!({"spec": {"unschedulable": null}}), true);
+        assert!(n["spec"].get("unschedulable").is_none());
+        merge_patch(
+            &mut n,
+            &json!({"status": {"conditions": [{"type": "Ready", "status": "True"}, {"type": "MemoryPressure", "status": "False"}]}}),
+            true,
+        );
+        let conds = n["status"]["conditions"].as_array().unwrap();
+        assert_eq!(conds.len(), 2, "merged by type, not replaced");
+        assert_eq!(conds[0]["status"], "True");
+        assert_eq!(
+            conds[0]["reason"], "KubeletNotReady",
+            "fields not in the patch stay"
+        );
+        merge_patch(
+            &mut n,
+            &json!({"status": {"conditions": [{"type": "Ready"}]}}),
+            false,
+        );
+        assert_eq!(
+            n["status"]["conditions"].as_array().unwrap().len(),
+            1,
+            "a plain merge patch replaces lists"
+        );
+    }
+
+    #[test]
+    fn json_patches_follow_rfc_6902() {
+        let mut n = node_object("a", false, true);
+        json_patch(
+            &mut n,
+            &json!([{"op": "add", "path": "/metadata/labels/x~1y", "value": "1"}]),
+        )
+        .unwrap();
+        assert_eq!(n["metadata"]["labels"]["x/y"], "1");
+        json_patch(&mut n, &json!([{"op": "test", "path": "/metadata/name", "value": "a"}, {"op": "remove", "path": "/metadata/labels/x~1y"}])).unwrap();
+        assert!(n["metadata"]["labels"].get("x/y").is_none());
+        assert!(json_patch(
+            &mut n,
+            &json!([{"op": "test", "path": "/metadata/name", "value": "b"}])
+        )
+        .unwrap_err()
+        .contains("test operation failed"));
+        assert!(json_patch(
+            &mut n,
+            &json!([{"op": "replace", "path": "/spec/nope", "value": 1}])
+        )
+        .unwrap_err()
+        .contains("does not exist"));
+        assert!(json_patch(&mut n, &json!({"op": "add"}))
+            .unwrap_err()
+            .contains("array"));
+        assert!(
+            json_patch(&mut n, &json!([{"op": "move", "path": "/a", "from": "/b"}]))
+                .unwrap_err()
+                .contains("unsupported")
+        );
+    }
+
+    #[test]
+    fn dates_are_rfc3339() {
+        let d = now_rfc3339();
+        assert_eq!(d.len(), 20, "{d}");
+        assert!(
+            d.starts_with("20") && d.ends_with('Z') && d.as_bytes()[10] == b'T',
+            "{d}"
+        );
+    }
+}
