@@ -531,6 +531,9 @@ fn bad_input_gives_per_item_errors_and_the_rest_of_the_plan() {
     let n = node("bad", false);
     n.root
         .write(&format!("{ETC}/50-broken.conflist"), "{ this is not json");
+    // Flannel's own conflist, damaged: still Flannel's by name, still removed.
+    n.root
+        .write(&format!("{K3S}/10-flannel.conflist"), "\u{0}\u{1} garbage");
     // A parent directory that is a symlink out of the tree is refused, not followed.
     std::fs::remove_dir_all(n.root.root().join("var/lib/cni/flannel")).unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
@@ -557,6 +560,14 @@ fn bad_input_gives_per_item_errors_and_the_rest_of_the_plan() {
     assert!(
         ids(&plan).contains(&"path:/run/flannel".to_string()),
         "the rest of the plan is still there"
+    );
+    assert!(
+        ids(&plan).contains(&format!("path:/{K3S}/10-flannel.conflist")),
+        "a damaged Flannel conflist is still Flannel's: {plan:#}"
+    );
+    assert!(
+        !ids(&plan).iter().any(|i| i.contains("50-broken")),
+        "a broken bystander is not touched"
     );
 
     // A read-only host root: each file item fails with the reason; interfaces still go.

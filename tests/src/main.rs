@@ -136,7 +136,7 @@ fn run_apiserver(
         .into_iter()
         .chain(many_nodes(nodes).into_iter().skip(9))
         .take(nodes)
-         {
+    {
         api.add_node(&name, role == cnishift::inventory::Role::Controller, true);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

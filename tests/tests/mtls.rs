@@ -580,3 +580,38 @@ fn bad_tls_files_stop_the_agent_with_a_precise_message() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_slow_agent_is_reported_within_its_deadline() {
+    // Accepts TCP and then says nothing: the TLS handshake never completes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let pki = Pki::new(&["n1"]).unwrap();
+    let node = Node {
+        name: "n1".into(),
+        role: Role::Worker,
+        address: addr.to_string(),
+    };
+    let d = Deadlines {
+        connect: Duration::from_millis(700),
+        report: Duration::from_secs(5),
+        cleanup: Duration::from_secs(5),
+    };
+    let start = Instant::now();
+    let err = agents::get_report(&node, &coordinator_tls(pki.dir.path()), &d)
+        .await
+        .unwrap_err();
+    let took = start.elapsed();
+    assert!(matches!(err, CallError::Timeout(_)), "{err:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "the connect deadline was enforced: {took:?}"
+    );
+    hold.abort();
+}
