@@ -2,15 +2,17 @@
 //! shipped binaries). It speaks the real HTTP/JSON API closely enough that the
 //! machine's own `kubectl` works against it: legacy discovery, `/version`,
 //! Nodes (get, list, watch with resourceVersions and bookmarks, patch in merge,
-//! strategic-merge and JSON-patch forms, server-side Table printing for
-//! `kubectl get`), and Status errors with the reasons a real server sends.
+//! strategic-merge and JSON-patch forms, server-side tables for `kubectl get`),
+//! Pods with the policy/v1 eviction subresource and real PodDisruptionBudget
+//! arithmetic (429 with the body a real server sends), DaemonSets and
+//! ReplicaSets (an evicted ReplicaSet pod is replaced on a schedulable node),
+//! and Status errors with the reasons a real server sends.
 //!
-//! The lab drives node readiness through [`ApiServer::set_node_ready`]; the
-//! server itself has no timers.
+//! The lab drives node and pod readiness through [`ApiServer::set_node_ready`]
+//! and [`ApiServer::set_pod_ready`]; the server itself has no timers.
 //!
-//! This is the first slice of the simulated API server (issue: Kubernetes
-//! operations). Pods, evictions with PodDisruptionBudgets, workloads, Leases
-//! and Events are not served yet, and so are not advertised in discovery.
+//! Not simulated yet (issue: Kubernetes operations): Deployments, Leases,
+//! Events, and `--kubeconfig` over TLS (it serves plain HTTP).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -22,24 +24,44 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
+
+/// (resource, namespace — empty for cluster-scoped, name)
+type Key = (&'static str, String, String);
 
 /// One change, as a watch stream sends it.
 #[derive(Debug, Clone)]
 struct Change {
     rv: u64,
     kind: &'static str,
+    resource: &'static str,
     object: Value,
 }
 
 struct Store {
     rv: u64,
-    nodes: BTreeMap<String, Value>,
+    objects: BTreeMap<Key, Value>,
     /// Every change, for watches that resume from an older resourceVersion.
     history: Vec<Change>,
+    /// Suffix counter for replacement pods.
+    next_pod: u64,
+}
+
+impl Store {
+    fn list(&self, resource: &str, ns: Option<&str>) -> Vec<&Value> {
+        self.objects
+            .iter()
+            .filter(|((r, n, _), _)| *r == resource && ns.is_none_or(|ns| n == ns))
+            .map(|(_, v)| v)
+            .collect()
+    }
+    fn get(&self, resource: &'static str, ns: &str, name: &str) -> Option<&Value> {
+        self.objects
+            .get(&(resource, ns.to_string(), name.to_string()))
+    }
 }
 
 /// The server's state; cheap to clone (shared).
@@ -53,6 +75,20 @@ impl Default for ApiServer {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn uid(seed: &str) -> String {
+    let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |a, b| {
+        (a ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xfff,
+        (h >> 20) & 0xfff,
+        h & 0xffff_ffff_ffff
+    )
 }
 
 fn now_rfc3339() -> String {
@@ -97,7 +133,7 @@ pub fn node_object(name: &str, controller: bool, ready: bool) -> Value {
         "apiVersion": "v1",
         "metadata": {
             "name": name,
-            "uid": format!("00000000-0000-4000-8000-{:012x}", name.bytes().fold(0u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64)) & 0xffff_ffff_ffff),
+            "uid": uid(&format!("node/{name}")),
             "creationTimestamp": now_rfc3339(),
             "labels": labels,
         },
@@ -148,12 +184,12 @@ fn status(code: StatusCode, reason: &str, message: String, details: Value) -> Re
         .into_response()
 }
 
-fn not_found(name: &str) -> Response {
+fn not_found(resource: &str, name: &str) -> Response {
     status(
         StatusCode::NOT_FOUND,
         "NotFound",
-        format!("nodes \"{name}\" not found"),
-        json!({"name": name, "kind": "nodes"}),
+        format!("{resource} \"{name}\" not found"),
+        json!({"name": name, "kind": resource}),
     )
 }
 
@@ -166,31 +202,85 @@ fn json_response(v: &Value) -> Response {
         .into_response()
 }
 
+/// A pod as the lab creates it.
+pub struct Pod<'a> {
+    pub ns: &'a str,
+    pub name: &'a str,
+    pub node: &'a str,
+    pub owner: Owner<'a>,
+    pub labels: Value,
+    pub ready: bool,
+    /// An emptyDir volume: local storage that `kubectl drain` asks about.
+    pub empty_dir: bool,
+}
+
+/// A pod's owner, as the lab creates it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner<'a> {
+    ReplicaSet(&'a str),
+    DaemonSet(&'a str),
+    /// A mirror (static) pod of the kubelet.
+    Mirror,
+    None,
+}
+
+fn pod_ready(p: &Value) -> bool {
+    p["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector["matchLabels"]
+        .as_object()
+        .is_some_and(|m| m.iter().all(|(k, v)| &labels[k] == v))
+}
+
 impl ApiServer {
     pub fn new() -> Self {
-        let (changes, _) = broadcast::channel(1024);
+        let (changes, _) = broadcast::channel(4096);
         ApiServer {
             store: Arc::new(Mutex::new(Store {
                 rv: 100,
-                nodes: BTreeMap::new(),
+                objects: BTreeMap::new(),
                 history: vec![],
+                next_pod: 0,
             })),
             changes,
         }
     }
 
-    /// Stores `object` (a Node) under a fresh resourceVersion and tells watchers.
-    fn commit(&self, store: &mut Store, kind: &'static str, mut object: Value) -> Value {
+    /// Stores `object` under a fresh resourceVersion and tells watchers.
+    fn commit(
+        &self,
+        store: &mut Store,
+        kind: &'static str,
+        resource: &'static str,
+        mut object: Value,
+    ) -> Value {
         store.rv += 1;
         object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        store.nodes.insert(name, object.clone());
+        let key = (
+            resource,
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            object["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
+        if kind == "DELETED" {
+            store.objects.remove(&key);
+        } else {
+            store.objects.insert(key, object.clone());
+        }
         let change = Change {
             rv: store.rv,
             kind,
+            resource,
             object: object.clone(),
         };
         store.history.push(change.clone());
@@ -201,22 +291,113 @@ impl ApiServer {
     /// Adds a node (as k3s does when its agent registers).
     pub fn add_node(&self, name: &str, controller: bool, ready: bool) {
         let mut store = self.store.lock().expect("store");
-        self.commit(&mut store, "ADDED", node_object(name, controller, ready));
+        self.commit(
+            &mut store,
+            "ADDED",
+            "nodes",
+            node_object(name, controller, ready),
+        );
     }
 
     /// The lab's hand on the kubelet: flips the node's Ready condition.
     pub fn set_node_ready(&self, name: &str, ready: bool) -> bool {
         let mut store = self.store.lock().expect("store");
-        let Some(mut node) = store.nodes.get(name).cloned() else {
+        let Some(mut node) = store.get("nodes", "", name).cloned() else {
             return false;
         };
         node["status"]["conditions"] = json!([ready_condition(ready)]);
-        self.commit(&mut store, "MODIFIED", node);
+        self.commit(&mut store, "MODIFIED", "nodes", node);
         true
     }
 
     pub fn node(&self, name: &str) -> Option<Value> {
-        self.store.lock().expect("store").nodes.get(name).cloned()
+        self.store
+            .lock()
+            .expect("store")
+            .get("nodes", "", name)
+            .cloned()
+    }
+
+    fn ensure_namespace(&self, store: &mut Store, ns: &str) {
+        if store.get("namespaces", "", ns).is_none() {
+            let obj = json!({"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": ns, "uid": uid(&format!("ns/{ns}")), "creationTimestamp": now_rfc3339()}, "status": {"phase": "Active"}});
+            self.commit(store, "ADDED", "namespaces", obj);
+        }
+    }
+
+    /// A ReplicaSet (what a Deployment's pods are owned by).
+    pub fn add_replicaset(&self, ns: &str, name: &str, labels: Value) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, ns);
+        let obj = json!({"kind": "ReplicaSet", "apiVersion": "apps/v1", "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("rs/{ns}/{name}")), "creationTimestamp": now_rfc3339(), "labels": labels},
+                         "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}}}});
+        self.commit(&mut store, "ADDED", "replicasets", obj);
+    }
+
+    pub fn add_daemonset(&self, ns: &str, name: &str, labels: Value) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, ns);
+        let obj = json!({"kind": "DaemonSet", "apiVersion": "apps/v1", "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("ds/{ns}/{name}")), "creationTimestamp": now_rfc3339(), "labels": labels},
+                         "spec": {"selector": {"matchLabels": labels}}});
+        self.commit(&mut store, "ADDED", "daemonsets", obj);
+    }
+
+    /// A PodDisruptionBudget with `minAvailable` or `maxUnavailable` (ints).
+    pub fn add_pdb(
+        &self,
+        ns: &str,
+        name: &str,
+        selector: Value,
+        min_available: Option<i64>,
+        max_unavailable: Option<i64>,
+    ) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, ns);
+        let mut spec = json!({"selector": {"matchLabels": selector}});
+        if let Some(m) = min_available {
+            spec["minAvailable"] = json!(m);
+        }
+        if let Some(m) = max_unavailable {
+            spec["maxUnavailable"] = json!(m);
+        }
+        let obj = json!({"kind": "PodDisruptionBudget", "apiVersion": "policy/v1", "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("pdb/{ns}/{name}")), "creationTimestamp": now_rfc3339()}, "spec": spec});
+        self.commit(&mut store, "ADDED", "poddisruptionbudgets", obj);
+    }
+
+    /// Adds a running pod (and its namespace if new).
+    pub fn add_pod(&self, pod: Pod) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, pod.ns);
+        self.commit(&mut store, "ADDED", "pods", pod_object(&pod));
+    }
+
+    pub fn set_pod_ready(&self, ns: &str, name: &str, ready: bool) -> bool {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut pod) = store.get("pods", ns, name).cloned() else {
+            return false;
+        };
+        pod["status"]["conditions"] =
+            json!([{"type": "Ready", "status": if ready { "True" } else { "False" }}]);
+        self.commit(&mut store, "MODIFIED", "pods", pod);
+        true
+    }
+
+    pub fn pods_on(&self, node: &str) -> Vec<Value> {
+        let store = self.store.lock().expect("store");
+        store
+            .list("pods", None)
+            .into_iter()
+            .filter(|p| p["spec"]["nodeName"] == node)
+            .cloned()
+            .collect()
+    }
+
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Value> {
+        self.store
+            .lock()
+            .expect("store")
+            .get("pods", ns, name)
+            .cloned()
     }
 
     pub fn router(self) -> Router {
@@ -225,8 +406,34 @@ impl ApiServer {
             .route("/api", get(api_versions))
             .route("/apis", get(api_groups))
             .route("/api/v1", get(core_resources))
+            .route("/apis/apps/v1", get(apps_resources))
+            .route("/apis/policy/v1", get(policy_resources))
             .route("/api/v1/nodes", get(list_nodes))
             .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+            .route("/api/v1/namespaces", get(list_namespaces))
+            .route("/api/v1/pods", get(list_all_pods))
+            .route("/api/v1/namespaces/{ns}/pods", get(list_ns_pods))
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}",
+                get(get_pod).delete(delete_pod),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}/eviction",
+                post(evict_pod),
+            )
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/daemonsets/{name}",
+                get(get_daemonset),
+            )
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/replicasets/{name}",
+                get(get_replicaset),
+            )
+            .route("/apis/policy/v1/poddisruptionbudgets", get(list_pdbs))
+            .route(
+                "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+                get(list_ns_pdbs),
+            )
             .fallback(|| async {
                 status(
                     StatusCode::NOT_FOUND,
@@ -242,6 +449,60 @@ impl ApiServer {
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         axum::serve(listener, self.router()).await
     }
+}
+
+fn pod_object(p: &Pod) -> Value {
+    let (ns, name) = (p.ns, p.name);
+    let mut meta = json!({"name": name, "namespace": ns, "uid": uid(&format!("pod/{ns}/{name}/{}", now_rfc3339())), "creationTimestamp": now_rfc3339(), "labels": p.labels});
+    match p.owner {
+        Owner::ReplicaSet(rs) => {
+            meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs, "uid": uid(&format!("rs/{ns}/{rs}")), "controller": true, "blockOwnerDeletion": true}])
+        }
+        Owner::DaemonSet(ds) => {
+            meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": ds, "uid": uid(&format!("ds/{ns}/{ds}")), "controller": true, "blockOwnerDeletion": true}])
+        }
+        Owner::Mirror => {
+            meta["annotations"] = json!({"kubernetes.io/config.mirror": "0123456789abcdef", "kubernetes.io/config.source": "file"})
+        }
+        Owner::None => {}
+    }
+    let volumes = if p.empty_dir {
+        json!([{"name": "scratch", "emptyDir": {}}])
+    } else {
+        json!([])
+    };
+    json!({
+        "kind": "Pod", "apiVersion": "v1", "metadata": meta,
+        "spec": {"nodeName": p.node, "containers": [{"name": "main", "image": "registry.local/app:1"}], "volumes": volumes},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if p.ready { "True" } else { "False" }}]},
+    })
+}
+
+/// PDB status as the disruption controller computes it, for `pdb`'s pods now.
+fn pdb_status(store: &Store, pdb: &Value) -> (i64, i64, i64, i64) {
+    let ns = pdb["metadata"]["namespace"].as_str().unwrap_or("");
+    let pods: Vec<&Value> = store
+        .list("pods", Some(ns))
+        .into_iter()
+        .filter(|p| labels_match(&pdb["spec"]["selector"], &p["metadata"]["labels"]))
+        .collect();
+    let expected = pods.len() as i64;
+    let healthy = pods.iter().filter(|p| pod_ready(p)).count() as i64;
+    let desired = match (
+        pdb["spec"]["minAvailable"].as_i64(),
+        pdb["spec"]["maxUnavailable"].as_i64(),
+    ) {
+        (Some(min), _) => min,
+        (None, Some(max)) => (expected - max).max(0),
+        _ => expected,
+    };
+    ((healthy - desired).max(0), healthy, desired, expected)
+}
+
+fn with_pdb_status(store: &Store, mut pdb: Value) -> Value {
+    let (allowed, healthy, desired, expected) = pdb_status(store, &pdb);
+    pdb["status"] = json!({"disruptionsAllowed": allowed, "currentHealthy": healthy, "desiredHealthy": desired, "expectedPods": expected, "observedGeneration": 1});
+    pdb
 }
 
 /// A kubeconfig for `server` (`http://ADDR`), written for kubectl and kube-rs.
@@ -269,7 +530,21 @@ async fn api_versions() -> Response {
 }
 
 async fn api_groups() -> Response {
-    json_response(&json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}))
+    let group = |name: &str| json!({"name": name, "versions": [{"groupVersion": format!("{name}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{name}/v1"), "version": "v1"}});
+    json_response(
+        &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group("apps"), group("policy")]}),
+    )
+}
+
+fn resource(
+    name: &str,
+    singular: &str,
+    namespaced: bool,
+    kind: &str,
+    verbs: &[&str],
+    short: &[&str],
+) -> Value {
+    json!({"name": name, "singularName": singular, "namespaced": namespaced, "kind": kind, "verbs": verbs, "shortNames": short})
 }
 
 async fn core_resources() -> Response {
@@ -277,10 +552,30 @@ async fn core_resources() -> Response {
         "kind": "APIResourceList",
         "groupVersion": "v1",
         "resources": [
-            {"name": "nodes", "singularName": "node", "namespaced": false, "kind": "Node",
-             "verbs": ["get", "list", "patch", "watch"], "shortNames": ["no"]},
+            resource("nodes", "node", false, "Node", &["get", "list", "patch", "watch"], &["no"]),
+            resource("namespaces", "namespace", false, "Namespace", &["get", "list"], &["ns"]),
+            resource("pods", "pod", true, "Pod", &["delete", "get", "list", "watch"], &["po"]),
+            // kubectl drain finds the Eviction API here.
+            {"name": "pods/eviction", "singularName": "", "namespaced": true, "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]},
         ],
     }))
+}
+
+async fn apps_resources() -> Response {
+    json_response(
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": [
+            resource("daemonsets", "daemonset", true, "DaemonSet", &["get", "list"], &["ds"]),
+            resource("replicasets", "replicaset", true, "ReplicaSet", &["get", "list"], &["rs"]),
+        ]}),
+    )
+}
+
+async fn policy_resources() -> Response {
+    json_response(
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "policy/v1", "resources": [
+            resource("poddisruptionbudgets", "poddisruptionbudget", true, "PodDisruptionBudget", &["get", "list"], &["pdb"]),
+        ]}),
+    )
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -294,8 +589,9 @@ struct ListParams {
     allow_watch_bookmarks: Option<bool>,
 }
 
-/// `metadata.name=x` is the field selector kubectl and kube-rs use for one node.
-fn matches(node: &Value, p: &ListParams) -> bool {
+/// Field selectors kubectl and kube-rs use: `metadata.name`, `metadata.namespace`,
+/// `spec.nodeName`, `spec.unschedulable`, `status.phase` (with `=`, `==`, `!=`).
+fn matches(obj: &Value, p: &ListParams) -> bool {
     if let Some(fs) = &p.field_selector {
         for term in fs.split(',').filter(|t| !t.is_empty()) {
             let (neg, (k, v)) = match term.split_once("!=") {
@@ -308,14 +604,14 @@ fn matches(node: &Value, p: &ListParams) -> bool {
                 ),
             };
             let actual = match k {
-                "metadata.name" => node["metadata"]["name"].as_str().unwrap_or(""),
-                "spec.unschedulable" => {
-                    if node["spec"]["unschedulable"] == json!(true) {
-                        "true"
-                    } else {
-                        "false"
-                    }
-                }
+                "metadata.name" => obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                "metadata.namespace" => obj["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                "spec.nodeName" => obj["spec"]["nodeName"].as_str().unwrap_or("").to_string(),
+                "status.phase" => obj["status"]["phase"].as_str().unwrap_or("").to_string(),
+                "spec.unschedulable" => (obj["spec"]["unschedulable"] == json!(true)).to_string(),
                 _ => return false,
             };
             if (actual == v) == neg {
@@ -325,12 +621,15 @@ fn matches(node: &Value, p: &ListParams) -> bool {
     }
     if let Some(ls) = &p.label_selector {
         for term in ls.split(',').filter(|t| !t.is_empty()) {
-            let ok = match term.split_once('=') {
-                Some((k, v)) => {
-                    node["metadata"]["labels"][k.trim_end_matches('=')]
-                        == json!(v.trim_start_matches('='))
-                }
-                None => node["metadata"]["labels"].get(term).is_some(),
+            let ok = match term.split_once("!=") {
+                Some((k, v)) => obj["metadata"]["labels"][k] != json!(v),
+                None => match term.split_once('=') {
+                    Some((k, v)) => {
+                        obj["metadata"]["labels"][k.trim_end_matches('=')]
+                            == json!(v.trim_start_matches('='))
+                    }
+                    None => obj["metadata"]["labels"].get(term).is_some(),
+                },
             };
             if !ok {
                 return false;
@@ -385,22 +684,112 @@ fn node_table(nodes: &[&Value], rv: u64) -> Value {
     })
 }
 
+fn is_watch(p: &ListParams) -> bool {
+    p.watch.as_deref().is_some_and(|w| w == "true" || w == "1")
+}
+
+/// A list (or a watch, with `watch=true`) of `resource`, optionally in `ns`.
+async fn list_or_watch(
+    api: ApiServer,
+    resource: &'static str,
+    kind: &str,
+    ns: Option<String>,
+    p: ListParams,
+    headers: &HeaderMap,
+) -> Response {
+    if is_watch(&p) {
+        return watch(api, resource, ns, p).await;
+    }
+    let store = api.store.lock().expect("store");
+    let items: Vec<Value> = store
+        .list(resource, ns.as_deref())
+        .into_iter()
+        .filter(|o| matches(o, &p))
+        .map(|o| {
+            if resource == "poddisruptionbudgets" {
+                with_pdb_status(&store, o.clone())
+            } else {
+                o.clone()
+            }
+        })
+        .collect();
+    if resource == "nodes" && wants_table(headers) {
+        return json_response(&node_table(&items.iter().collect::<Vec<_>>(), store.rv));
+    }
+    let api_version = match resource {
+        "poddisruptionbudgets" => "policy/v1",
+        "daemonsets" | "replicasets" => "apps/v1",
+        _ => "v1",
+    };
+    json_response(
+        &json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
+    )
+}
+
 async fn list_nodes(
     State(api): State<ApiServer>,
     Query(p): Query<ListParams>,
     headers: HeaderMap,
 ) -> Response {
-    if p.watch.as_deref().is_some_and(|w| w == "true" || w == "1") {
-        return watch_nodes(api, p).await;
-    }
-    let store = api.store.lock().expect("store");
-    let items: Vec<&Value> = store.nodes.values().filter(|n| matches(n, &p)).collect();
-    if wants_table(&headers) {
-        return json_response(&node_table(&items, store.rv));
-    }
-    json_response(
-        &json!({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
+    list_or_watch(api, "nodes", "Node", None, p, &headers).await
+}
+
+async fn list_namespaces(
+    State(api): State<ApiServer>,
+    Query(p): Query<ListParams>,
+    headers: HeaderMap,
+) -> Response {
+    list_or_watch(api, "namespaces", "Namespace", None, p, &headers).await
+}
+
+async fn list_all_pods(
+    State(api): State<ApiServer>,
+    Query(p): Query<ListParams>,
+    headers: HeaderMap,
+) -> Response {
+    list_or_watch(api, "pods", "Pod", None, p, &headers).await
+}
+
+async fn list_ns_pods(
+    State(api): State<ApiServer>,
+    Path(ns): Path<String>,
+    Query(p): Query<ListParams>,
+    headers: HeaderMap,
+) -> Response {
+    list_or_watch(api, "pods", "Pod", Some(ns), p, &headers).await
+}
+
+async fn list_pdbs(
+    State(api): State<ApiServer>,
+    Query(p): Query<ListParams>,
+    headers: HeaderMap,
+) -> Response {
+    list_or_watch(
+        api,
+        "poddisruptionbudgets",
+        "PodDisruptionBudget",
+        None,
+        p,
+        &headers,
     )
+    .await
+}
+
+async fn list_ns_pdbs(
+    State(api): State<ApiServer>,
+    Path(ns): Path<String>,
+    Query(p): Query<ListParams>,
+    headers: HeaderMap,
+) -> Response {
+    list_or_watch(
+        api,
+        "poddisruptionbudgets",
+        "PodDisruptionBudget",
+        Some(ns),
+        p,
+        &headers,
+    )
+    .await
 }
 
 async fn get_node(
@@ -409,17 +798,174 @@ async fn get_node(
     headers: HeaderMap,
 ) -> Response {
     let store = api.store.lock().expect("store");
-    match store.nodes.get(&name) {
+    match store.get("nodes", "", &name) {
         Some(n) if wants_table(&headers) => json_response(&node_table(&[n], store.rv)),
         Some(n) => json_response(n),
-        None => not_found(&name),
+        None => not_found("nodes", &name),
     }
+}
+
+fn get_namespaced(api: &ApiServer, resource: &'static str, ns: &str, name: &str) -> Response {
+    match api.store.lock().expect("store").get(resource, ns, name) {
+        Some(o) => json_response(o),
+        None => not_found(resource, name),
+    }
+}
+
+async fn get_pod(
+    State(api): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    get_namespaced(&api, "pods", &ns, &name)
+}
+
+async fn get_daemonset(
+    State(api): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    get_namespaced(&api, "daemonsets", &ns, &name)
+}
+
+async fn get_replicaset(
+    State(api): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    get_namespaced(&api, "replicasets", &ns, &name)
+}
+
+/// Deletes a pod and, for a ReplicaSet's pod, starts its replacement (not yet
+/// Ready: the lab decides when) on a schedulable, Ready node.
+fn remove_pod(api: &ApiServer, store: &mut Store, pod: Value) -> Value {
+    let deleted = api.commit(store, "DELETED", "pods", pod.clone());
+    let owner = pod["metadata"]["ownerReferences"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["kind"] == "ReplicaSet"))
+        .and_then(|o| o["name"].as_str())
+        .map(String::from);
+    if let Some(rs) = owner {
+        let ns = pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let from = pod["spec"]["nodeName"].as_str().unwrap_or("").to_string();
+        let target = store
+            .list("nodes", None)
+            .into_iter()
+            .find(|n| {
+                n["metadata"]["name"] != from.as_str()
+                    && n["spec"]["unschedulable"] != json!(true)
+                    && node_ready(n)
+            })
+            .and_then(|n| n["metadata"]["name"].as_str())
+            .map(String::from);
+        if let Some(node) = target {
+            store.next_pod += 1;
+            let name = format!("{rs}-r{:05}", store.next_pod);
+            let replacement = pod_object(&Pod {
+                ns: &ns,
+                name: &name,
+                node: &node,
+                owner: Owner::ReplicaSet(&rs),
+                labels: pod["metadata"]["labels"].clone(),
+                ready: false,
+                empty_dir: false,
+            });
+            api.commit(store, "ADDED", "pods", replacement);
+        }
+    }
+    deleted
+}
+
+fn node_ready(n: &Value) -> bool {
+    n["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+async fn delete_pod(
+    State(api): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    let mut store = api.store.lock().expect("store");
+    let Some(pod) = store.get("pods", &ns, &name).cloned() else {
+        return not_found("pods", &name);
+    };
+    let deleted = remove_pod(&api, &mut store, pod);
+    json_response(&deleted)
+}
+
+/// policy/v1 Eviction: refused with 429 (and the body a real server sends)
+/// when a PodDisruptionBudget covering the pod allows no disruption.
+async fn evict_pod(
+    State(api): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let eviction: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("the body of the request was in an unknown format: {e}"),
+                json!({}),
+            )
+        }
+    };
+    if eviction["kind"] != "Eviction" || eviction["metadata"]["name"] != name.as_str() {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "name in URL does not match name in Eviction object".into(),
+            json!({"name": name, "group": "policy", "kind": "Eviction"}),
+        );
+    }
+    let mut store = api.store.lock().expect("store");
+    let Some(pod) = store.get("pods", &ns, &name).cloned() else {
+        return not_found("pods", &name);
+    };
+    let pdbs: Vec<Value> = store
+        .list("poddisruptionbudgets", Some(&ns))
+        .into_iter()
+        .filter(|b| labels_match(&b["spec"]["selector"], &pod["metadata"]["labels"]))
+        .cloned()
+        .collect();
+    if pdbs.len() > 1 {
+        return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.".into(), json!({}));
+    }
+    if let Some(pdb) = pdbs.first() {
+        let (allowed, healthy, desired, _) = pdb_status(&store, pdb);
+        // A pod that is not Ready does not count against the budget.
+        if allowed < 1 && pod_ready(&pod) {
+            let pdb_name = pdb["metadata"]["name"].as_str().unwrap_or("");
+            return status(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequests",
+                "Cannot evict pod as it would violate the pod's disruption budget.".into(),
+                json!({"causes": [{"reason": "DisruptionBudget", "message": format!("The disruption budget {pdb_name} needs {desired} healthy pods and has {healthy} currently")}]}),
+            );
+        }
+    }
+    remove_pod(&api, &mut store, pod);
+    (StatusCode::CREATED, [("content-type", "application/json")], json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}).to_string()).into_response()
+}
+
+fn in_scope(c: &Change, resource: &str, ns: Option<&str>, p: &ListParams) -> bool {
+    c.resource == resource
+        && ns.is_none_or(|ns| c.object["metadata"]["namespace"] == ns)
+        && matches(&c.object, p)
 }
 
 /// A watch: the changes after `resourceVersion` (or every object, as ADDED,
 /// when it is empty or "0"), then live changes, one JSON object per line,
 /// until `timeoutSeconds`.
-async fn watch_nodes(api: ApiServer, p: ListParams) -> Response {
+async fn watch(
+    api: ApiServer,
+    resource: &'static str,
+    ns: Option<String>,
+    p: ListParams,
+) -> Response {
     let (initial, rx, rv_now) = {
         let store = api.store.lock().expect("store");
         let rx = api.changes.subscribe();
@@ -448,45 +994,49 @@ async fn watch_nodes(api: ApiServer, p: ListParams) -> Response {
                 .cloned()
                 .collect(),
             None => store
-                .nodes
-                .values()
-                .map(|n| Change {
+                .objects
+                .iter()
+                .filter(|((r, _, _), _)| *r == resource)
+                .map(|(_, o)| Change {
                     rv: store.rv,
                     kind: "ADDED",
-                    object: n.clone(),
+                    resource,
+                    object: o.clone(),
                 })
                 .collect(),
         };
         (initial, rx, store.rv)
     };
     let p = Arc::new(p);
-    let filter = p.clone();
     let line = |kind: &str, object: &Value| {
         Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
     };
     let mut head: Vec<Result<Bytes, Infallible>> = initial
         .iter()
-        .filter(|c| matches(&c.object, &filter))
+        .filter(|c| in_scope(c, resource, ns.as_deref(), &p))
         .map(|c| Ok(line(c.kind, &c.object)))
         .collect();
     if p.allow_watch_bookmarks == Some(true) {
-        head.push(Ok(line("BOOKMARK", &json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": rv_now.to_string()}}))));
+        head.push(Ok(line(
+            "BOOKMARK",
+            &json!({"metadata": {"resourceVersion": rv_now.to_string()}}),
+        )));
     }
     let last_sent = initial.last().map(|c| c.rv).unwrap_or(rv_now);
+    let filter = p.clone();
     let live = futures::stream::unfold(
-        (rx, filter, last_sent),
-        move |(mut rx, filter, last)| async move {
+        (rx, filter, last_sent, ns),
+        move |(mut rx, filter, last, ns)| async move {
             loop {
                 match rx.recv().await {
-                    Ok(c) if c.rv > last && matches(&c.object, &filter) => {
+                    Ok(c) if c.rv > last && in_scope(&c, resource, ns.as_deref(), &filter) => {
                         let bytes = Bytes::from(format!(
                             "{}\n",
                             json!({"type": c.kind, "object": c.object})
                         ));
-                        return Some((Ok::<_, Infallible>(bytes), (rx, filter, c.rv)));
+                        return Some((Ok::<_, Infallible>(bytes), (rx, filter, c.rv, ns)));
                     }
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
@@ -500,7 +1050,6 @@ async fn watch_nodes(api: ApiServer, p: ListParams) -> Response {
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")
-        .header("transfer-encoding", "chunked")
         .body(Body::from_stream(stream))
         .expect("valid response")
 }
@@ -657,8 +1206,8 @@ async fn patch_node(
         }
     };
     let mut store = api.store.lock().expect("store");
-    let Some(current) = store.nodes.get(&name).cloned() else {
-        return not_found(&name);
+    let Some(current) = store.get("nodes", "", &name).cloned() else {
+        return not_found("nodes", &name);
     };
     let mut next = current.clone();
     let result = match ctype.as_str() {
@@ -715,7 +1264,7 @@ async fn patch_node(
     if next == current {
         return json_response(&current);
     }
-    let stored = api.commit(&mut store, "MODIFIED", next);
+    let stored = api.commit(&mut store, "MODIFIED", "nodes", next);
     json_response(&stored)
 }
 

@@ -38,8 +38,8 @@ enum Cmd {
     #[command(
         after_help = "Example:\n  cnishift-lab apiserver --listen 127.0.0.1:16443 --kubeconfig-out /tmp/lab.kubeconfig --nodes 9 &\n  \
                             KUBECONFIG=/tmp/lab.kubeconfig kubectl get nodes\n\n\
-                            Serves discovery, /version and Nodes (get, list, watch, patch) over plain HTTP on the given\n\
-                            address; pods, evictions, workloads, leases and events are not simulated yet."
+                            Serves discovery, /version, Nodes, Pods with evictions and PodDisruptionBudgets, DaemonSets\n\
+                            and ReplicaSets over plain HTTP on the given address (no Deployments, Leases or Events yet)."
     )]
     Apiserver {
         #[arg(long, default_value = "127.0.0.1:16443")]

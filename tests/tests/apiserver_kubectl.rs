@@ -250,3 +250,248 @@ fn a_watch_resumes_from_a_resource_version() {
     assert!(rvs[0] < rvs[1] && rvs[0] > rv.parse().unwrap());
     let _ = s.addr;
 }
+
+use cnishift_lab::apiserver::{Owner, Pod};
+use serde_json::json;
+
+/// raccoon00 runs a Deployment's pod and a DaemonSet's pod.
+fn with_workload(s: &Sim) {
+    s.api
+        .add_replicaset("default", "web-5d9c", json!({"app": "web"}));
+    s.api
+        .add_daemonset("cilium", "cilium", json!({"k8s-app": "cilium"}));
+    s.api.add_pod(Pod {
+        ns: "default",
+        name: "web-5d9c-a",
+        node: "raccoon00",
+        owner: Owner::ReplicaSet("web-5d9c"),
+        labels: json!({"app": "web"}),
+        ready: true,
+        empty_dir: false,
+    });
+    s.api.add_pod(Pod {
+        ns: "cilium",
+        name: "cilium-x1",
+        node: "raccoon00",
+        owner: Owner::DaemonSet("cilium"),
+        labels: json!({"k8s-app": "cilium"}),
+        ready: true,
+        empty_dir: false,
+    });
+    s.api.add_pod(Pod {
+        ns: "kube-system",
+        name: "kube-vip-raccoon00",
+        node: "raccoon00",
+        owner: Owner::Mirror,
+        labels: json!({"app": "kube-vip"}),
+        ready: true,
+        empty_dir: false,
+    });
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn kubectl_drain_evicts_reschedules_and_leaves_daemonset_and_mirror_pods() {
+    let s = sim();
+    with_workload(&s);
+    let refused = s.kubectl(&["drain", "raccoon00", "--timeout=10s"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("cannot delete DaemonSet-managed Pods"),
+        "{}",
+        text(&refused)
+    );
+
+    let o = s.kubectl(&["drain", "raccoon00", "--ignore-daemonsets", "--timeout=20s"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("evicting pod default/web-5d9c-a")
+            && text(&o).contains("node/raccoon00 drained"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        s.api.node("raccoon00").unwrap()["spec"]["unschedulable"],
+        true
+    );
+    assert!(s.api.pod("default", "web-5d9c-a").is_none(), "evicted");
+    let left: Vec<String> = s
+        .api
+        .pods_on("raccoon00")
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        left,
+        ["cilium-x1", "kube-vip-raccoon00"],
+        "DaemonSet and mirror pods stay"
+    );
+    // The Deployment's pod came back on a schedulable node (not the cordoned one, not the NotReady one).
+    let replacement = s.api.pods_on("opi01");
+    assert_eq!(replacement.len(), 1, "{replacement:#?}");
+    assert_eq!(
+        replacement[0]["metadata"]["ownerReferences"][0]["name"],
+        "web-5d9c"
+    );
+}
+
+#[test]
+fn kubectl_drain_refuses_unmanaged_and_local_storage_pods_without_the_flags() {
+    let s = sim();
+    s.api.add_pod(Pod {
+        ns: "default",
+        name: "bare",
+        node: "raccoon00",
+        owner: Owner::None,
+        labels: json!({"app": "bare"}),
+        ready: true,
+        empty_dir: false,
+    });
+    s.api
+        .add_replicaset("default", "cache-1", json!({"app": "cache"}));
+    s.api.add_pod(Pod {
+        ns: "default",
+        name: "cache-1-a",
+        node: "raccoon00",
+        owner: Owner::ReplicaSet("cache-1"),
+        labels: json!({"app": "cache"}),
+        ready: true,
+        empty_dir: true,
+    });
+    let o = s.kubectl(&["drain", "raccoon00", "--ignore-daemonsets", "--timeout=10s"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("cannot delete Pods that declare no controller")
+            && t.contains("cannot delete Pods with local storage"),
+        "{t}"
+    );
+    assert!(
+        s.api.pod("default", "bare").is_some(),
+        "nothing evicted on a refusal"
+    );
+    let o = s.kubectl(&[
+        "drain",
+        "raccoon00",
+        "--ignore-daemonsets",
+        "--force",
+        "--delete-emptydir-data",
+        "--timeout=20s",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(s.api.pods_on("raccoon00").is_empty());
+}
+
+#[test]
+fn kubectl_drain_retries_on_a_pdb_and_goes_on_once_it_allows() {
+    let s = sim();
+    s.api
+        .add_replicaset("default", "db-7f", json!({"app": "db"}));
+    s.api.add_pod(Pod {
+        ns: "default",
+        name: "db-7f-0",
+        node: "raccoon00",
+        owner: Owner::ReplicaSet("db-7f"),
+        labels: json!({"app": "db"}),
+        ready: true,
+        empty_dir: false,
+    });
+    s.api.add_pod(Pod {
+        ns: "default",
+        name: "db-7f-1",
+        node: "opi01",
+        owner: Owner::ReplicaSet("db-7f"),
+        labels: json!({"app": "db"}),
+        ready: true,
+        empty_dir: false,
+    });
+    s.api
+        .add_pdb("default", "db", json!({"app": "db"}), Some(2), None);
+    let pdb: Value = serde_json::from_str(&s.ok(&[
+        "get",
+        "--raw",
+        "/apis/policy/v1/namespaces/default/poddisruptionbudgets",
+    ]))
+    .unwrap();
+    assert_eq!(pdb["items"][0]["status"]["disruptionsAllowed"], 0);
+    // A third healthy replica appears after kubectl's first refusal.
+    let api = s.api.clone();
+    let scale = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        api.add_pod(Pod {
+            ns: "default",
+            name: "db-7f-2",
+            node: "opi01",
+            owner: Owner::ReplicaSet("db-7f"),
+            labels: json!({"app": "db"}),
+            ready: true,
+            empty_dir: false,
+        });
+    });
+    let start = std::time::Instant::now();
+    let o = s.kubectl(&["drain", "raccoon00", "--ignore-daemonsets", "--timeout=30s"]);
+    scale.join().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("Cannot evict pod as it would violate the pod's disruption budget")
+            && t.contains("will retry after 5s"),
+        "{t}"
+    );
+    assert!(t.contains("node/raccoon00 drained"), "{t}");
+    assert!(
+        start.elapsed() >= Duration::from_secs(4),
+        "kubectl retried on its interval"
+    );
+    assert!(s.api.pod("default", "db-7f-0").is_none());
+}
+
+#[test]
+fn a_pdb_that_never_allows_stops_kubectl_drain_at_its_timeout() {
+    let s = sim();
+    s.api
+        .add_replicaset("default", "pg-1", json!({"app": "pg"}));
+    s.api.add_pod(Pod {
+        ns: "default",
+        name: "pg-1-0",
+        node: "raccoon00",
+        owner: Owner::ReplicaSet("pg-1"),
+        labels: json!({"app": "pg"}),
+        ready: true,
+        empty_dir: false,
+    });
+    s.api
+        .add_pdb("default", "pg", json!({"app": "pg"}), None, Some(0));
+    let o = s.kubectl(&["drain", "raccoon00", "--ignore-daemonsets", "--timeout=3s"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("disruption budget"), "{t}");
+    assert!(
+        s.api.pod("default", "pg-1-0").is_some(),
+        "the protected pod is still there"
+    );
+    // The eviction API itself says 429 with the budget named, for clients other than kubectl.
+    let body = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(body.path(), r#"{"apiVersion":"policy/v1","kind":"Eviction","metadata":{"name":"pg-1-0","namespace":"default"}}"#).unwrap();
+    let raw = s.kubectl(&[
+        "create",
+        "--raw",
+        "/api/v1/namespaces/default/pods/pg-1-0/eviction",
+        "-f",
+        body.path().to_str().unwrap(),
+    ]);
+    assert!(!raw.status.success());
+    let t = text(&raw);
+    assert!(
+        t.contains("TooManyRequests")
+            && t.contains("Cannot evict pod as it would violate the pod's disruption budget"),
+        "{t}"
+    );
+}
