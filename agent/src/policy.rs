@@ -844,21 +844,29 @@ fn k3s(f: &Facts, out: &mut Vec<Check>) {
 
 fn iptables(f: &Facts, out: &mut Vec<Check>) {
     let t = &f.iptables;
-    for (id, what, pick) in [
+    let both = |v4: &[String], v6: &[String]| -> Vec<String> {
+        v4.iter()
+            .map(|c| format!("ipv4 {c}"))
+            .chain(v6.iter().map(|c| format!("ipv6 {c}")))
+            .collect()
+    };
+    let unknown: Vec<&str> = [&t.ipv4.unknown, &t.ipv6.unknown]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    for (id, what, found) in [
         (
             "iptables.flannel",
             "FLANNEL-*",
-            (|c: &crate::probe::iptables::FamilyChains| &c.flannel) as fn(&_) -> &Vec<String>,
+            both(&t.ipv4.flannel, &t.ipv6.flannel),
         ),
-        ("iptables.kube-router", "KUBE-ROUTER-*", |c| &c.kube_router),
+        (
+            "iptables.kube-router",
+            "KUBE-ROUTER-*",
+            both(&t.ipv4.kube_router, &t.ipv6.kube_router),
+        ),
     ] {
-        let mut found: Vec<String> = pick(&t.ipv4).iter().map(|c| format!("ipv4 {c}")).collect();
-        found.extend(pick(&t.ipv6).iter().map(|c| format!("ipv6 {c}")));
-        let unknown: Vec<&str> = [&t.ipv4.unknown, &t.ipv6.unknown]
-            .into_iter()
-            .flatten()
-            .map(String::as_str)
-            .collect();
         out.push(if !found.is_empty() {
             check(
                 id,
