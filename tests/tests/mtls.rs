@@ -84,6 +84,18 @@ async fn still_serving(agent: &Agent, pki: &Path) {
     assert_eq!(r.node, "n1");
 }
 
+/// The agent logs from its own tasks, possibly after the client has already
+/// seen the outcome: wait (up to 2 s) for `needle` instead of reading once.
+async fn log_shows(agent: &Agent, needle: &str) -> bool {
+    for _ in 0..50 {
+        if agent.log().to_lowercase().contains(&needle.to_lowercase()) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    false
+}
+
 fn start(pki: &Pki) -> Agent {
     Agent::start(
         pki.dir.path(),
@@ -142,7 +154,7 @@ async fn a_client_without_a_certificate_is_refused() {
     assert!(!err.is_empty());
     still_serving(&agent, pki.dir.path()).await;
     assert!(
-        agent.log().contains("TLS handshake failed"),
+        log_shows(&agent, "TLS handshake failed").await,
         "{}",
         agent.log()
     );
@@ -165,7 +177,7 @@ async fn a_certificate_from_another_ca_is_refused() {
     .unwrap_err();
     assert!(!err.is_empty());
     assert!(
-        agent.log().contains("TLS handshake failed"),
+        log_shows(&agent, "TLS handshake failed").await,
         "{}",
         agent.log()
     );
@@ -196,7 +208,7 @@ async fn an_expired_client_certificate_is_refused() {
     .unwrap_err();
     assert!(!err.is_empty());
     assert!(
-        agent.log().to_lowercase().contains("expired"),
+        log_shows(&agent, "expired").await,
         "the agent says why: {}",
         agent.log()
     );
@@ -493,7 +505,11 @@ async fn rotated_certificates_are_picked_up_without_dropping_the_listener() {
         "the agent still serves the old certificate:\n{}",
         agent.log()
     );
-    assert!(agent.log().contains("reloaded TLS certificate files"));
+    assert!(
+        log_shows(&agent, "reloaded TLS certificate files").await,
+        "{}",
+        agent.log()
+    );
     // The connection made before the rotation still works.
     NodeAgentClient::new(old)
         .get_report(pb::ReportRequest {})
@@ -505,7 +521,7 @@ async fn rotated_certificates_are_picked_up_without_dropping_the_listener() {
     std::fs::write(pki.path("n1-key.pem"), "garbage").unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(
-        agent.log().contains("keeping the previous ones"),
+        log_shows(&agent, "keeping the previous ones").await,
         "{}",
         agent.log()
     );
