@@ -13,50 +13,6 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Netns(String);
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("cnishift-c-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        sh(&["ip", "netns", "add", &name]);
-        Netns(name)
-    }
-    fn run(&self, cmd: &str) -> String {
-        let mut args = vec!["ip", "netns", "exec", &self.0];
-        args.extend(cmd.split_whitespace());
-        sh(&args)
-    }
-    fn links(&self) -> Vec<String> {
-        let out = self.run("ip -o link show");
-        out.lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap().to_string())
-            .collect()
-    }
-    fn chains(&self, table: &str) -> Vec<String> {
-        self.run(&format!("iptables -t {table} -S"))
-            .lines()
-            .filter_map(|l| l.strip_prefix("-N "))
-            .map(String::from)
-            .collect()
-    }
-}
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
 /// A Flannel-era node after Cilium came up: Flannel's interfaces, files and
 /// chains are still there, plus bystanders that must survive.
 struct Node {
@@ -70,7 +26,7 @@ const ETC: &str = "etc/cni/net.d";
 const K3S: &str = "var/lib/rancher/k3s/agent/etc/cni/net.d";
 
 fn node(tag: &str, pods: bool) -> Node {
-    let ns = Netns::new(tag);
+    let ns = Netns::new(&format!("c-{tag}"));
     for cmd in [
         "ip link add eth0 type veth peer name eth0p",
         "ip link set eth0 up",
@@ -178,6 +134,22 @@ impl Node {
         let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         (out.status.code(), json)
     }
+    /// `cnishift-agent restore ID` for this node's tree; it must succeed.
+    fn restore(&self, id: &str) {
+        let out = Command::new(agent_bin())
+            .args(["restore", id, "--host-root"])
+            .arg(self.root.root())
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn report(&self) -> Value {
         let out = Command::new("ip")
             .args([
@@ -371,19 +343,7 @@ fn apply_removes_exactly_them_bystanders_survive_and_restore_brings_files_back()
     );
 
     // Restore puts every file back byte for byte (and mode for mode).
-    let id = result["backup_id"].as_str().unwrap();
-    let out = Command::new(agent_bin())
-        .args(["restore", id, "--host-root"])
-        .arg(r)
-        .arg("--state-dir")
-        .arg(n.state.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    n.restore(result["backup_id"].as_str().unwrap());
     assert_eq!(snapshot(r), before);
     let journal = std::fs::read_to_string(n.state.path().join("cleanup-journal.jsonl")).unwrap();
     assert_eq!(
@@ -428,19 +388,7 @@ fn an_apply_killed_half_way_is_finished_by_the_next() {
     assert_eq!(a, b);
     assert_eq!(n.ns.chains("filter"), reference.ns.chains("filter"));
     // One backup holds both halves: restoring it restores everything.
-    let id = result["backup_id"].as_str().unwrap();
-    let out = Command::new(agent_bin())
-        .args(["restore", id, "--host-root"])
-        .arg(n.root.root())
-        .arg("--state-dir")
-        .arg(n.state.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    n.restore(result["backup_id"].as_str().unwrap());
     assert_eq!(snapshot(n.root.root()), before);
 }
 

@@ -10,19 +10,6 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn live_report() -> (i32, Value) {
     report_json(&[])
 }
@@ -172,29 +159,6 @@ fn bpffs_mounted_in_a_private_mount_namespace_passes() {
         .unwrap()
         .iter()
         .any(|m| m == "/sys/fs/bpf"));
-}
-
-/// A network namespace deleted on drop, even when the test fails.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("cnishift-t-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        sh("ip", &["netns", "add", &name]);
-        Netns(name)
-    }
-    fn run(&self, cmd: &str) {
-        let mut args = vec!["netns", "exec", &self.0];
-        args.extend(cmd.split_whitespace());
-        sh("ip", &args);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
 }
 
 #[test]

@@ -129,20 +129,14 @@ fn live_sysctls_in_a_network_namespace() {
         return;
     }
     // net.ipv4 sysctls are per network namespace: this changes nothing outside it.
-    let ns = format!("cnishift-r-{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    assert!(Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .unwrap()
-        .success());
+    let ns = Netns::new("remediate");
     let host_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
     let run = |args: &[&str]| {
         let out = Command::new("ip")
             .args([
                 "netns",
                 "exec",
-                &ns,
+                &ns.0,
                 &agent_bin(),
                 "remediate",
                 "-o",
@@ -156,19 +150,7 @@ fn live_sysctls_in_a_network_namespace() {
             serde_json::from_slice::<Value>(&out.stdout).unwrap(),
         )
     };
-    let read = |key: &str| {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "cat",
-                &format!("/proc/sys/{}", key.replace('.', "/")),
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let read = |key: &str| ns.run(&format!("cat /proc/sys/{}", key.replace('.', "/")));
     assert_eq!(
         read("net.ipv4.ip_forward"),
         "0",
@@ -190,5 +172,4 @@ fn live_sysctls_in_a_network_namespace() {
         host_before,
         "the machine itself is untouched"
     );
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
 }

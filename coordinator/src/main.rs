@@ -55,15 +55,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CleanupArgs {
-    /// The inventory.
-    #[arg(
-        short,
-        long,
-        value_name = "FILE",
-        default_value = "cluster.toml",
-        env = "CNISHIFT_INVENTORY"
-    )]
-    inventory: PathBuf,
+    #[command(flatten)]
+    inventory: InventoryArg,
     /// Every node in the inventory.
     #[arg(long, conflicts_with = "nodes")]
     all: bool,
@@ -117,17 +110,24 @@ enum CertsCommand {
     },
 }
 
+/// `-i/--inventory`, shared by every command that talks to agents.
 #[derive(clap::Args)]
-struct PreflightArgs {
+struct InventoryArg {
     /// The inventory.
     #[arg(
-        short,
-        long,
+        short = 'i',
+        long = "inventory",
         value_name = "FILE",
         default_value = "cluster.toml",
         env = "CNISHIFT_INVENTORY"
     )]
-    inventory: PathBuf,
+    path: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct PreflightArgs {
+    #[command(flatten)]
+    inventory: InventoryArg,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -216,7 +216,7 @@ fn connect_setup(
 }
 
 fn run_preflight(args: PreflightArgs) -> ExitCode {
-    let (inv, tls, rt) = match connect_setup(&args.inventory) {
+    let (inv, tls, rt) = match connect_setup(&args.inventory.path) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -233,7 +233,7 @@ fn run_preflight(args: PreflightArgs) -> ExitCode {
 }
 
 fn run_cleanup(args: CleanupArgs) -> ExitCode {
-    let (inv, tls, rt) = match connect_setup(&args.inventory) {
+    let (inv, tls, rt) = match connect_setup(&args.inventory.path) {
         Ok(s) => s,
         Err(code) => return code,
     };

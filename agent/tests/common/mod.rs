@@ -224,3 +224,61 @@ pub fn verdict(report: &Value, id: &str) -> String {
 pub fn message(report: &Value, id: &str) -> String {
     check(report, id)["message"].as_str().unwrap().to_string()
 }
+
+/// Runs a command that must succeed; returns its trimmed stdout.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A network namespace of this test process, deleted on drop (also when the
+/// test fails). Tags must be unique among the tests of one binary.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("cnishift-t-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh("ip", &["netns", "add", &name]);
+        Netns(name)
+    }
+
+    /// Runs `cmd` (split on whitespace) inside the namespace; it must succeed.
+    pub fn run(&self, cmd: &str) -> String {
+        let mut args = vec!["netns", "exec", &self.0];
+        args.extend(cmd.split_whitespace());
+        sh("ip", &args)
+    }
+
+    /// Interface names, as `ip -o link show` lists them.
+    pub fn links(&self) -> Vec<String> {
+        self.run("ip -o link show")
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap().to_string())
+            .collect()
+    }
+
+    /// The user-defined chains of an iptables table.
+    pub fn chains(&self, table: &str) -> Vec<String> {
+        self.run(&format!("iptables -t {table} -S"))
+            .lines()
+            .filter_map(|l| l.strip_prefix("-N "))
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
