@@ -56,6 +56,18 @@ pub struct Deadlines {
     /// One node's whole cleanup apply.
     #[serde(with = "humantime_str")]
     pub cleanup: Duration,
+    /// One node's whole drain, PodDisruptionBudget retries included.
+    #[serde(with = "humantime_str")]
+    pub drain: Duration,
+    /// A node turning Ready again after its CNI was switched.
+    #[serde(with = "humantime_str")]
+    pub node_ready: Duration,
+    /// The Cilium agent pod on a node turning Ready.
+    #[serde(with = "humantime_str")]
+    pub cilium_ready: Duration,
+    /// One Kubernetes API request (not a watch).
+    #[serde(with = "humantime_str")]
+    pub api: Duration,
 }
 
 impl Default for Deadlines {
@@ -64,6 +76,10 @@ impl Default for Deadlines {
             connect: Duration::from_secs(3),
             report: Duration::from_secs(10),
             cleanup: Duration::from_secs(120),
+            drain: Duration::from_secs(600),
+            node_ready: Duration::from_secs(300),
+            cilium_ready: Duration::from_secs(300),
+            api: Duration::from_secs(10),
         }
     }
 }
@@ -88,12 +104,39 @@ pub struct Cluster {
     pub cilium_namespace: String,
 }
 
+/// What a drain may do beyond the safe default (`[drain]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainPolicy {
+    /// Evict pods no controller will recreate (like `kubectl drain --force`).
+    pub allow_unmanaged: bool,
+    /// Evict pods with emptyDir volumes, whose data is lost (like
+    /// `kubectl drain --delete-emptydir-data`).
+    pub allow_local_storage: bool,
+    /// Evictions in flight at once.
+    pub parallel_evictions: usize,
+    /// Pause before asking again after a PodDisruptionBudget said no.
+    #[serde(with = "humantime_str")]
+    pub retry_interval: Duration,
+}
+
+impl Default for DrainPolicy {
+    fn default() -> Self {
+        DrainPolicy {
+            allow_unmanaged: false,
+            allow_local_storage: false,
+            parallel_evictions: 8,
+            retry_interval: Duration::from_secs(5),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Inventory {
     pub path: PathBuf,
     pub cluster: Cluster,
     pub tls: Tls,
     pub deadlines: Deadlines,
+    pub drain: DrainPolicy,
     /// The command that switches one node to Cilium (runs with the node name).
     pub deploy_hook: Option<Vec<String>>,
     pub nodes: Vec<Node>,
@@ -140,6 +183,8 @@ struct RawInventory {
     #[serde(default)]
     deadlines: RawDeadlines,
     #[serde(default)]
+    drain: RawDrain,
+    #[serde(default)]
     hooks: RawHooks,
     #[serde(default)]
     nodes: Vec<Spanned<RawNode>>,
@@ -169,6 +214,19 @@ struct RawDeadlines {
     connect: Option<Spanned<String>>,
     report: Option<Spanned<String>>,
     cleanup: Option<Spanned<String>>,
+    drain: Option<Spanned<String>>,
+    node_ready: Option<Spanned<String>>,
+    cilium_ready: Option<Spanned<String>>,
+    api: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDrain {
+    allow_unmanaged: Option<bool>,
+    allow_local_storage: Option<bool>,
+    parallel_evictions: Option<Spanned<i64>>,
+    retry_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -273,6 +331,42 @@ impl Inventory {
             connect: duration(&raw.deadlines.connect, "connect", defaults.connect)?,
             report: duration(&raw.deadlines.report, "report", defaults.report)?,
             cleanup: duration(&raw.deadlines.cleanup, "cleanup", defaults.cleanup)?,
+            drain: duration(&raw.deadlines.drain, "drain", defaults.drain)?,
+            node_ready: duration(&raw.deadlines.node_ready, "node_ready", defaults.node_ready)?,
+            cilium_ready: duration(
+                &raw.deadlines.cilium_ready,
+                "cilium_ready",
+                defaults.cilium_ready,
+            )?,
+            api: duration(&raw.deadlines.api, "api", defaults.api)?,
+        };
+        let drain_defaults = DrainPolicy::default();
+        let drain = DrainPolicy {
+            allow_unmanaged: raw.drain.allow_unmanaged.unwrap_or(false),
+            allow_local_storage: raw.drain.allow_local_storage.unwrap_or(false),
+            parallel_evictions: match &raw.drain.parallel_evictions {
+                None => drain_defaults.parallel_evictions,
+                Some(n) if (1..=256).contains(n.get_ref()) => *n.get_ref() as usize,
+                Some(n) => {
+                    return Err(at(
+                        n.span(),
+                        format!(
+                            "drain.parallel_evictions: {} is not between 1 and 256",
+                            n.get_ref()
+                        ),
+                        None,
+                    ))
+                }
+            },
+            retry_interval: duration(
+                &raw.drain.retry_interval,
+                "retry_interval",
+                drain_defaults.retry_interval,
+            )
+            .map_err(|mut e| {
+                e.message = e.message.replacen("deadlines.", "drain.", 1);
+                e
+            })?,
         };
 
         let cluster = Cluster {
@@ -363,6 +457,7 @@ impl Inventory {
             cluster,
             tls,
             deadlines,
+            drain,
             deploy_hook,
             nodes,
         })

@@ -5,4 +5,5 @@
 pub mod agents;
 pub mod certs;
 pub mod inventory;
+pub mod kube;
 pub mod render;

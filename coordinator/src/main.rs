@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cnishift::inventory::{Inventory, Load};
 use cnishift::{agents, certs, render};
 
+mod k8s;
+
 /// Exit codes (also in the README).
 const EXIT_OK: u8 = 0;
 const EXIT_NOT_READY: u8 = 1;
@@ -51,6 +53,111 @@ enum Command {
                             Exit codes: 0 every plan allowed (dry run) / every node cleaned, 1 refused or failed, 2 usage error."
     )]
     Cleanup(CleanupArgs),
+    /// The cluster as the Kubernetes API sees it.
+    #[command(
+        after_help = "Uses the standard kubeconfig resolution: --kubeconfig, else KUBECONFIG, else ~/.kube/config,\n\
+                            else the in-cluster service account; --context picks a context."
+    )]
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// One migration step on one node through the Kubernetes API: cordon, drain, uncordon, wait.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// The migration lock (a Lease in kube-system): who holds it; release it.
+    #[command(subcommand)]
+    Lock(LockCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// The cluster gates: nodes Ready, blocking PodDisruptionBudgets, unhealthy pods, Cilium's DaemonSet, the VIP.
+    #[command(
+        after_help = "Exit codes: 0 no gate failed, 1 a gate failed, 2 usage, inventory or kubeconfig error."
+    )]
+    Check(ClusterArgs),
+}
+
+/// How to reach the Kubernetes API.
+#[derive(clap::Args, Clone)]
+struct KubeArgs {
+    /// A kubeconfig file (default: KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, value_name = "FILE", global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current-context).
+    #[arg(long, value_name = "NAME", global = true)]
+    context: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ClusterArgs {
+    #[command(flatten)]
+    inventory: InventoryArg,
+    #[command(flatten)]
+    kube: KubeArgs,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    inventory: InventoryArg,
+    #[command(flatten)]
+    kube: KubeArgs,
+    /// The node, as named in the inventory.
+    #[arg(value_name = "NODE")]
+    node: String,
+    /// Take over the migration lock when its holder stopped renewing it (be sure that coordinator is gone).
+    #[arg(long)]
+    take_over_stale_lock: bool,
+    /// Output format for the result.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Mark the node unschedulable, remembering (on the node) whether an admin had already cordoned it.
+    Cordon(NodeArgs),
+    /// Make the node schedulable again, unless an admin had cordoned it before cnishift did.
+    Uncordon(NodeArgs),
+    /// Cordon, then evict every pod that must leave through the Eviction API (PodDisruptionBudgets honoured).
+    #[command(
+        after_help = "DaemonSet, mirror and finished pods stay. Pods without a controller, and pods with emptyDir\n\
+                            data, are refused before anything is evicted unless [drain] allow_unmanaged /\n\
+                            allow_local_storage say otherwise. A PodDisruptionBudget that says no is asked again every\n\
+                            [drain] retry_interval until [deadlines] drain; then the pods still there and their budgets\n\
+                            are named. Exit codes: 0 drained, 1 refused or not finished, 2 usage or API error."
+    )]
+    Drain(NodeArgs),
+    /// Wait (by watching) until the node is Ready, at most [deadlines] node_ready.
+    WaitReady(NodeArgs),
+    /// Wait (by watching) until the Cilium agent pod on the node is Ready, at most [deadlines] cilium_ready.
+    WaitCilium(NodeArgs),
+}
+
+#[derive(Subcommand)]
+enum LockCommand {
+    /// Who holds the migration lock, since when, and whether it is stale.
+    Status {
+        #[command(flatten)]
+        inventory: InventoryArg,
+        #[command(flatten)]
+        kube: KubeArgs,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Delete the migration lock whoever holds it (only when its coordinator is gone for good).
+    Release {
+        #[command(flatten)]
+        inventory: InventoryArg,
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// Required: this does not check that the holder is gone.
+        #[arg(long, required = true)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -150,6 +257,9 @@ fn main() -> ExitCode {
         Command::Certs(c) => run_certs(c),
         Command::Preflight(a) => run_preflight(a),
         Command::Cleanup(a) => run_cleanup(a),
+        Command::Cluster(ClusterCommand::Check(a)) => k8s::run_cluster(a),
+        Command::Node(c) => k8s::run_node(c),
+        Command::Lock(c) => k8s::run_lock(c),
     }
 }
 

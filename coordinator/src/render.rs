@@ -309,3 +309,24 @@ pub fn cleanup_plan(p: &pb::CleanupPlan) -> String {
     }
     out
 }
+
+/// The cluster gates as a table: one line per gate, failures and warnings marked.
+pub fn gates_table(gates: &[crate::kube::gates::Gate]) -> String {
+    use crate::kube::gates::Verdict;
+    let mut out = String::new();
+    for g in gates {
+        let mark = match g.verdict {
+            Verdict::Pass => "✓",
+            Verdict::Warn => "!",
+            Verdict::Fail => "✗",
+        };
+        out.push_str(&format!("{mark} {:<18} {}\n", g.id, g.message));
+    }
+    let failed = gates.iter().filter(|g| g.verdict == Verdict::Fail).count();
+    out.push_str(&if failed == 0 {
+        "cluster: ready to migrate\n".to_string()
+    } else {
+        format!("cluster: {failed} gate(s) failed; fix them before migrating\n")
+    });
+    out
+}

@@ -6,13 +6,19 @@
 //! Pods with the policy/v1 eviction subresource and real PodDisruptionBudget
 //! arithmetic (429 with the body a real server sends), DaemonSets and
 //! ReplicaSets (an evicted ReplicaSet pod is replaced on a schedulable node),
-//! and Status errors with the reasons a real server sends.
+//! Deployments (a ReplicaSet and its pods), coordination.k8s.io Leases with
+//! resourceVersion conflicts (409), events.k8s.io/v1 Events (also served as
+//! core/v1 Events, as a real server does, so `kubectl describe node` shows
+//! them), and Status errors with the reasons a real server sends.
 //!
 //! The lab drives node and pod readiness through [`ApiServer::set_node_ready`]
-//! and [`ApiServer::set_pod_ready`]; the server itself has no timers.
+//! and [`ApiServer::set_pod_ready`]; the server itself has no timers. Faults
+//! (slow answers, 5xx/409 answers, watch streams cut mid-way) are injected
+//! through [`ApiServer::faults`].
 //!
-//! Not simulated yet (issue: Kubernetes operations): Deployments, Leases,
-//! Events, and `--kubeconfig` over TLS (it serves plain HTTP).
+//! Not simulated: authentication/authorisation (any token is accepted), TLS
+//! (plain HTTP), protobuf, server-side apply, and controllers other than the
+//! ReplicaSet replacement of an evicted pod.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -69,6 +75,104 @@ impl Store {
 pub struct ApiServer {
     store: Arc<Mutex<Store>>,
     changes: broadcast::Sender<Change>,
+    faults: Arc<Faults>,
+}
+
+/// Faults the tests inject: every answer delayed, the next matching requests
+/// answered with an error status, open watch streams cut.
+#[derive(Default)]
+pub struct Faults {
+    delay: Mutex<Duration>,
+    rules: Mutex<Vec<FailRule>>,
+    cut: Mutex<Option<broadcast::Sender<()>>>,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+struct FailRule {
+    method: String,
+    path_contains: String,
+    status: StatusCode,
+    remaining: u32,
+}
+
+impl Faults {
+    /// Every answer from now on waits `d` first (zero: back to normal).
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().expect("faults") = d;
+    }
+    /// The next `times` requests with `method` (or any, with "*") whose path
+    /// contains `path_contains` are answered with `status` and a Status body.
+    pub fn fail_next(&self, method: &str, path_contains: &str, status: u16, times: u32) {
+        self.rules.lock().expect("faults").push(FailRule {
+            method: method.to_string(),
+            path_contains: path_contains.to_string(),
+            status: StatusCode::from_u16(status).expect("valid status"),
+            remaining: times,
+        });
+    }
+    /// Ends every open watch stream now, as a dropped connection or an API
+    /// server restart would; the client sees the stream end.
+    pub fn cut_watches(&self) {
+        if let Some(tx) = self.cut.lock().expect("faults").as_ref() {
+            let _ = tx.send(());
+        }
+    }
+    /// Requests served so far (to count a client's calls).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn take_failure(&self, method: &str, path: &str) -> Option<StatusCode> {
+        let mut rules = self.rules.lock().expect("faults");
+        let i = rules.iter().position(|r| {
+            r.remaining > 0
+                && (r.method == "*" || r.method.eq_ignore_ascii_case(method))
+                && path.contains(&r.path_contains)
+        })?;
+        rules[i].remaining -= 1;
+        let status = rules[i].status;
+        rules.retain(|r| r.remaining > 0);
+        Some(status)
+    }
+    fn cut_receiver(&self) -> broadcast::Receiver<()> {
+        self.cut
+            .lock()
+            .expect("faults")
+            .get_or_insert_with(|| broadcast::channel(4).0)
+            .subscribe()
+    }
+}
+
+/// The fault middleware: counts, delays, and answers injected errors.
+async fn inject_faults(
+    State(api): State<ApiServer>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let faults = &api.faults;
+    faults
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let delay = *faults.delay.lock().expect("faults");
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let path = req.uri().path().to_string();
+    if let Some(code) = faults.take_failure(req.method().as_str(), &path) {
+        let reason = match code.as_u16() {
+            409 => "Conflict",
+            429 => "TooManyRequests",
+            503 => "ServiceUnavailable",
+            504 => "Timeout",
+            _ => "InternalError",
+        };
+        return status(
+            code,
+            reason,
+            format!("injected by the lab: {} {path}", req.method()),
+            json!({}),
+        );
+    }
+    next.run(req).await
 }
 
 impl Default for ApiServer {
@@ -89,6 +193,12 @@ fn uid(seed: &str) -> String {
         (h >> 20) & 0xfff,
         h & 0xffff_ffff_ffff
     )
+}
+
+/// `n` lowercase hex characters derived from `seed`, like a controller's name suffix.
+fn suffix(seed: &str, n: usize) -> String {
+    let u = uid(seed).replace('-', "");
+    u[u.len() - n..].to_string()
 }
 
 fn now_rfc3339() -> String {
@@ -139,6 +249,8 @@ pub fn node_object(name: &str, controller: bool, ready: bool) -> Value {
         },
         "spec": { "podCIDR": "10.42.0.0/24", "providerID": format!("k3s://{name}") },
         "status": {
+            "capacity": {"cpu": if controller { "8" } else { "4" }, "memory": if controller { "16Gi" } else { "4Gi" }, "pods": "110", "ephemeral-storage": "60Gi"},
+            "allocatable": {"cpu": if controller { "8" } else { "4" }, "memory": if controller { "16Gi" } else { "4Gi" }, "pods": "110", "ephemeral-storage": "58Gi"},
             "conditions": [ready_condition(ready)],
             "nodeInfo": {
                 "kubeletVersion": "v1.33.5+k3s1",
@@ -248,7 +360,13 @@ impl ApiServer {
                 next_pod: 0,
             })),
             changes,
+            faults: Arc::new(Faults::default()),
         }
+    }
+
+    /// The fault switches for this server.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
     }
 
     /// Stores `object` under a fresh resourceVersion and tells watchers.
@@ -400,6 +518,171 @@ impl ApiServer {
             .cloned()
     }
 
+    /// A Deployment with its ReplicaSet and `replicas` Ready pods spread over
+    /// `nodes` in turn; returns the pod names.
+    pub fn add_deployment(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: Value,
+        replicas: usize,
+        nodes: &[&str],
+    ) -> Vec<String> {
+        let rs = format!("{name}-{}", suffix(&format!("tpl/{ns}/{name}"), 10));
+        {
+            let mut store = self.store.lock().expect("store");
+            self.ensure_namespace(&mut store, ns);
+            let obj = json!({"kind": "Deployment", "apiVersion": "apps/v1",
+                "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("deploy/{ns}/{name}")), "creationTimestamp": now_rfc3339(), "labels": labels, "generation": 1},
+                "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}}},
+                "status": {"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas, "observedGeneration": 1}});
+            self.commit(&mut store, "ADDED", "deployments", obj);
+        }
+        self.add_replicaset(ns, &rs, labels.clone());
+        {
+            let mut store = self.store.lock().expect("store");
+            if let Some(mut r) = store.get("replicasets", ns, &rs).cloned() {
+                r["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid(&format!("deploy/{ns}/{name}")), "controller": true, "blockOwnerDeletion": true}]);
+                r["spec"]["replicas"] = json!(replicas);
+                self.commit(&mut store, "MODIFIED", "replicasets", r);
+            }
+        }
+        // Spread each Deployment from a different node, as the scheduler would.
+        let offset = self.store.lock().expect("store").list("pods", None).len();
+        (0..replicas)
+            .map(|i| {
+                let pod = format!("{rs}-{}", suffix(&format!("pod/{ns}/{rs}/{i}"), 5));
+                self.add_pod(Pod {
+                    ns,
+                    name: &pod,
+                    node: nodes[(i + offset) % nodes.len().max(1)],
+                    owner: Owner::ReplicaSet(&rs),
+                    labels: labels.clone(),
+                    ready: true,
+                    empty_dir: false,
+                });
+                pod
+            })
+            .collect()
+    }
+
+    /// The seed cluster's workload before the migration, spread over `nodes`:
+    /// Longhorn and node-exporter DaemonSets, CoreDNS, Traefik, ArgoCD, the
+    /// Longhorn UI and a web app as Deployments, three of them behind PDBs.
+    pub fn add_homelab_workload(&self, nodes: &[&str]) {
+        let l = |app: &str| json!({ "app.kubernetes.io/name": app });
+        self.add_daemonset_with_pods(
+            "longhorn-system",
+            "longhorn-manager",
+            l("longhorn-manager"),
+            nodes,
+            true,
+        );
+        self.add_daemonset_with_pods(
+            "monitoring",
+            "node-exporter",
+            l("node-exporter"),
+            nodes,
+            true,
+        );
+        for (ns, name, replicas) in [
+            ("kube-system", "coredns", 1),
+            ("kube-system", "traefik", 1),
+            ("kube-system", "metrics-server", 1),
+            ("argocd", "argocd-server", 2),
+            ("argocd", "argocd-repo-server", 2),
+            ("longhorn-system", "longhorn-ui", 2),
+            ("default", "web", 3),
+        ] {
+            self.add_deployment(ns, name, l(name), replicas, nodes);
+        }
+        self.add_pdb("argocd", "argocd-server", l("argocd-server"), Some(1), None);
+        self.add_pdb(
+            "argocd",
+            "argocd-repo-server",
+            l("argocd-repo-server"),
+            None,
+            Some(1),
+        );
+        self.add_pdb("default", "web", l("web"), None, Some(1));
+    }
+
+    /// A DaemonSet and one Ready (or not) pod of it on each of `nodes`.
+    pub fn add_daemonset_with_pods(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: Value,
+        nodes: &[&str],
+        ready: bool,
+    ) {
+        self.add_daemonset(ns, name, labels.clone());
+        for node in nodes {
+            self.add_pod(Pod {
+                ns,
+                name: &format!("{name}-{}", suffix(&format!("ds/{ns}/{name}/{node}"), 5)),
+                node,
+                owner: Owner::DaemonSet(name),
+                labels: labels.clone(),
+                ready,
+                empty_dir: false,
+            });
+        }
+    }
+
+    /// The pod of DaemonSet `ds` on `node`, if there is one.
+    pub fn daemon_pod_on(&self, ns: &str, ds: &str, node: &str) -> Option<String> {
+        self.pods_on(node)
+            .into_iter()
+            .find(|p| {
+                p["metadata"]["namespace"] == ns
+                    && p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
+                    && p["metadata"]["ownerReferences"][0]["name"] == ds
+            })
+            .and_then(|p| p["metadata"]["name"].as_str().map(String::from))
+    }
+
+    /// Sets a pod's phase (e.g. "Succeeded", "Pending").
+    pub fn set_pod_phase(&self, ns: &str, name: &str, phase: &str) -> bool {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut pod) = store.get("pods", ns, name).cloned() else {
+            return false;
+        };
+        pod["status"]["phase"] = json!(phase);
+        self.commit(&mut store, "MODIFIED", "pods", pod);
+        true
+    }
+
+    /// A Lease as stored now.
+    pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
+        self.store
+            .lock()
+            .expect("store")
+            .get("leases", ns, name)
+            .cloned()
+    }
+
+    /// Stores a Lease as another holder would have written it.
+    pub fn put_lease(&self, ns: &str, name: &str, spec: Value) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, ns);
+        let obj = json!({"kind": "Lease", "apiVersion": "coordination.k8s.io/v1",
+            "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("lease/{ns}/{name}")), "creationTimestamp": now_rfc3339()},
+            "spec": spec});
+        self.commit(&mut store, "ADDED", "leases", obj);
+    }
+
+    /// Every Event (events.k8s.io/v1 form) about `kind`/`name`, oldest first.
+    pub fn events_about(&self, kind: &str, name: &str) -> Vec<Value> {
+        let store = self.store.lock().expect("store");
+        store
+            .list("events", None)
+            .into_iter()
+            .filter(|e| e["regarding"]["kind"] == kind && e["regarding"]["name"] == name)
+            .cloned()
+            .collect()
+    }
+
     pub fn router(self) -> Router {
         Router::new()
             .route("/version", get(version))
@@ -408,6 +691,43 @@ impl ApiServer {
             .route("/api/v1", get(core_resources))
             .route("/apis/apps/v1", get(apps_resources))
             .route("/apis/policy/v1", get(policy_resources))
+            .route("/apis/coordination.k8s.io/v1", get(coordination_resources))
+            .route("/apis/events.k8s.io/v1", get(events_resources))
+            .route("/apis/apps/v1/daemonsets", get(list_all::<0>))
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/daemonsets",
+                get(list_in::<0>),
+            )
+            .route("/apis/apps/v1/deployments", get(list_all::<1>))
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/deployments",
+                get(list_in::<1>),
+            )
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/deployments/{name}",
+                get(get_in::<1>),
+            )
+            .route("/apis/apps/v1/replicasets", get(list_all::<2>))
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/replicasets",
+                get(list_in::<2>),
+            )
+            .route("/apis/coordination.k8s.io/v1/leases", get(list_all::<3>))
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+                get(list_in::<3>).post(create_lease),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
+                get(get_in::<3>).put(replace_lease).delete(delete_lease),
+            )
+            .route("/apis/events.k8s.io/v1/events", get(list_all::<4>))
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{ns}/events",
+                get(list_in::<4>).post(create_event),
+            )
+            .route("/api/v1/events", get(list_core_events))
+            .route("/api/v1/namespaces/{ns}/events", get(list_core_events_in))
             .route("/api/v1/nodes", get(list_nodes))
             .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
             .route("/api/v1/namespaces", get(list_namespaces))
@@ -442,6 +762,10 @@ impl ApiServer {
                     json!({}),
                 )
             })
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                inject_faults,
+            ))
             .with_state(self)
     }
 
@@ -532,7 +856,7 @@ async fn api_versions() -> Response {
 async fn api_groups() -> Response {
     let group = |name: &str| json!({"name": name, "versions": [{"groupVersion": format!("{name}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{name}/v1"), "version": "v1"}});
     json_response(
-        &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group("apps"), group("policy")]}),
+        &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group("apps"), group("policy"), group("coordination.k8s.io"), group("events.k8s.io")]}),
     )
 }
 
@@ -554,6 +878,7 @@ async fn core_resources() -> Response {
         "resources": [
             resource("nodes", "node", false, "Node", &["get", "list", "patch", "watch"], &["no"]),
             resource("namespaces", "namespace", false, "Namespace", &["get", "list"], &["ns"]),
+            resource("events", "event", true, "Event", &["list", "watch"], &["ev"]),
             resource("pods", "pod", true, "Pod", &["delete", "get", "list", "watch"], &["po"]),
             // kubectl drain finds the Eviction API here.
             {"name": "pods/eviction", "singularName": "", "namespaced": true, "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]},
@@ -564,8 +889,25 @@ async fn core_resources() -> Response {
 async fn apps_resources() -> Response {
     json_response(
         &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": [
-            resource("daemonsets", "daemonset", true, "DaemonSet", &["get", "list"], &["ds"]),
+            resource("daemonsets", "daemonset", true, "DaemonSet", &["get", "list", "watch"], &["ds"]),
+            resource("deployments", "deployment", true, "Deployment", &["get", "list", "watch"], &["deploy"]),
             resource("replicasets", "replicaset", true, "ReplicaSet", &["get", "list"], &["rs"]),
+        ]}),
+    )
+}
+
+async fn coordination_resources() -> Response {
+    json_response(
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "coordination.k8s.io/v1", "resources": [
+            resource("leases", "lease", true, "Lease", &["create", "delete", "get", "list", "update", "watch"], &[]),
+        ]}),
+    )
+}
+
+async fn events_resources() -> Response {
+    json_response(
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "events.k8s.io/v1", "resources": [
+            resource("events", "event", true, "Event", &["create", "get", "list", "watch"], &["ev"]),
         ]}),
     )
 }
@@ -612,7 +954,12 @@ fn matches(obj: &Value, p: &ListParams) -> bool {
                 "spec.nodeName" => obj["spec"]["nodeName"].as_str().unwrap_or("").to_string(),
                 "status.phase" => obj["status"]["phase"].as_str().unwrap_or("").to_string(),
                 "spec.unschedulable" => (obj["spec"]["unschedulable"] == json!(true)).to_string(),
-                _ => return false,
+                // Any other field by its path (events: involvedObject.name, regarding.kind, ...).
+                path => match obj.pointer(&format!("/{}", path.replace('.', "/"))) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Null) | None => String::new(),
+                    Some(v) => v.to_string(),
+                },
             };
             if (actual == v) == neg {
                 return false;
@@ -705,20 +1052,16 @@ async fn list_or_watch(
         .list(resource, ns.as_deref())
         .into_iter()
         .filter(|o| matches(o, &p))
-        .map(|o| {
-            if resource == "poddisruptionbudgets" {
-                with_pdb_status(&store, o.clone())
-            } else {
-                o.clone()
-            }
-        })
+        .map(|o| decorate(&store, resource, o.clone()))
         .collect();
     if resource == "nodes" && wants_table(headers) {
         return json_response(&node_table(&items.iter().collect::<Vec<_>>(), store.rv));
     }
     let api_version = match resource {
         "poddisruptionbudgets" => "policy/v1",
-        "daemonsets" | "replicasets" => "apps/v1",
+        "daemonsets" | "replicasets" | "deployments" => "apps/v1",
+        "leases" => "coordination.k8s.io/v1",
+        "events" => "events.k8s.io/v1",
         _ => "v1",
     };
     json_response(
@@ -806,10 +1149,326 @@ async fn get_node(
 }
 
 fn get_namespaced(api: &ApiServer, resource: &'static str, ns: &str, name: &str) -> Response {
-    match api.store.lock().expect("store").get(resource, ns, name) {
-        Some(o) => json_response(o),
+    let store = api.store.lock().expect("store");
+    match store.get(resource, ns, name) {
+        Some(o) => json_response(&decorate(&store, resource, o.clone())),
         None => not_found(resource, name),
     }
+}
+
+/// Status fields the real controllers keep up to date, computed on read.
+fn decorate(store: &Store, resource: &str, obj: Value) -> Value {
+    match resource {
+        "poddisruptionbudgets" => with_pdb_status(store, obj),
+        "daemonsets" => with_ds_status(store, obj),
+        _ => obj,
+    }
+}
+
+/// DaemonSet status as its controller reports it: one pod wanted per node.
+fn with_ds_status(store: &Store, mut ds: Value) -> Value {
+    let ns = ds["metadata"]["namespace"].as_str().unwrap_or("");
+    let name = ds["metadata"]["name"].as_str().unwrap_or("");
+    let pods: Vec<&Value> = store
+        .list("pods", Some(ns))
+        .into_iter()
+        .filter(|p| {
+            p["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|o| {
+                    o.iter()
+                        .any(|o| o["kind"] == "DaemonSet" && o["name"] == name)
+                })
+        })
+        .collect();
+    let desired = store.list("nodes", None).len();
+    let ready = pods.iter().filter(|p| pod_ready(p)).count();
+    ds["status"] = json!({"desiredNumberScheduled": desired, "currentNumberScheduled": pods.len(), "numberReady": ready,
+                          "numberAvailable": ready, "updatedNumberScheduled": pods.len(), "numberMisscheduled": 0, "observedGeneration": 1});
+    ds
+}
+
+/// Resources served by the generic handlers, by index.
+const GENERIC: [(&str, &str); 5] = [
+    ("daemonsets", "DaemonSet"),
+    ("deployments", "Deployment"),
+    ("replicasets", "ReplicaSet"),
+    ("leases", "Lease"),
+    ("events", "Event"),
+];
+
+async fn list_all<const R: usize>(
+    State(api): State<ApiServer>,
+    Query(p): Query<ListParams>,
+    headers: HeaderMap,
+) -> Response {
+    let (resource, kind) = GENERIC[R];
+    list_or_watch(api, resource, kind, None, p, &headers).await
+}
+
+async fn list_in<const R: usize>(
+    State(api): State<ApiServer>,
+    Path(ns): Path<String>,
+    Query(p): Query<ListParams>,
+    headers: HeaderMap,
+) -> Response {
+    let (resource, kind) = GENERIC[R];
+    list_or_watch(api, resource, kind, Some(ns), p, &headers).await
+}
+
+async fn get_in<const R: usize>(
+    State(api): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    get_namespaced(&api, GENERIC[R].0, &ns, &name)
+}
+
+fn bad_request(message: String) -> Response {
+    status(StatusCode::BAD_REQUEST, "BadRequest", message, json!({}))
+}
+
+/// Parses a create/replace body and checks its kind and namespace.
+fn parse_object(body: &Bytes, kind: &str, ns: &str) -> Result<Value, Box<Response>> {
+    let obj: Value = serde_json::from_slice(body).map_err(|e| {
+        Box::new(bad_request(format!(
+            "the body of the request was in an unknown format: {e}"
+        )))
+    })?;
+    if obj["kind"] != kind {
+        return Err(Box::new(bad_request(format!(
+            "the kind in the body ({}) is not {kind}",
+            obj["kind"]
+        ))));
+    }
+    if obj["metadata"]["namespace"]
+        .as_str()
+        .is_some_and(|n| n != ns)
+    {
+        return Err(Box::new(bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request"
+                .into(),
+        )));
+    }
+    Ok(obj)
+}
+
+fn conflict(resource: &str, name: &str) -> Response {
+    status(
+        StatusCode::CONFLICT,
+        "Conflict",
+        format!("Operation cannot be fulfilled on {resource} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+        json!({"name": name, "group": "coordination.k8s.io", "kind": "leases"}),
+    )
+}
+
+async fn create_lease(
+    State(api): State<ApiServer>,
+    Path(ns): Path<String>,
+    body: Bytes,
+) -> Response {
+    let mut obj = match parse_object(&body, "Lease", &ns) {
+        Ok(o) => o,
+        Err(r) => return *r,
+    };
+    let Some(name) = obj["metadata"]["name"].as_str().map(String::from) else {
+        return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "Lease.coordination.k8s.io \"\" is invalid: metadata.name: Required value: name or generateName is required".into(), json!({}));
+    };
+    let mut store = api.store.lock().expect("store");
+    if store.get("leases", &ns, &name).is_some() {
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("leases.coordination.k8s.io \"{name}\" already exists"),
+            json!({"name": name, "group": "coordination.k8s.io", "kind": "leases"}),
+        );
+    }
+    api.ensure_namespace(&mut store, &ns);
+    obj["metadata"]["namespace"] = json!(ns);
+    obj["metadata"]["uid"] = json!(uid(&format!("lease/{ns}/{name}/{}", store.rv)));
+    obj["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+    let stored = api.commit(&mut store, "ADDED", "leases", obj);
+    (
+        StatusCode::CREATED,
+        [("content-type", "application/json")],
+        stored.to_string(),
+    )
+        .into_response()
+}
+
+/// PUT: optimistic concurrency on `metadata.resourceVersion` (409 when stale).
+async fn replace_lease(
+    State(api): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let mut obj = match parse_object(&body, "Lease", &ns) {
+        Ok(o) => o,
+        Err(r) => return *r,
+    };
+    if obj["metadata"]["name"] != name.as_str() {
+        return bad_request("the name of the object does not match the name on the URL".into());
+    }
+    let mut store = api.store.lock().expect("store");
+    let Some(current) = store.get("leases", &ns, &name).cloned() else {
+        return not_found("leases.coordination.k8s.io", &name);
+    };
+    if let Some(rv) = obj["metadata"]["resourceVersion"].as_str() {
+        if Some(rv) != current["metadata"]["resourceVersion"].as_str() {
+            return conflict("leases.coordination.k8s.io", &name);
+        }
+    }
+    obj["metadata"]["namespace"] = json!(ns);
+    obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    obj["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
+    json_response(&api.commit(&mut store, "MODIFIED", "leases", obj))
+}
+
+/// DELETE with an optional `preconditions.resourceVersion` (409 when stale).
+async fn delete_lease(
+    State(api): State<ApiServer>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let opts: Value = if body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return bad_request(format!("DeleteOptions: {e}")),
+        }
+    };
+    let mut store = api.store.lock().expect("store");
+    let Some(current) = store.get("leases", &ns, &name).cloned() else {
+        return not_found("leases.coordination.k8s.io", &name);
+    };
+    if let Some(rv) = opts["preconditions"]["resourceVersion"].as_str() {
+        if Some(rv) != current["metadata"]["resourceVersion"].as_str() {
+            return conflict("leases.coordination.k8s.io", &name);
+        }
+    }
+    api.commit(&mut store, "DELETED", "leases", current);
+    json_response(
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": {"name": name, "group": "coordination.k8s.io", "kind": "leases"}}),
+    )
+}
+
+/// events.k8s.io/v1 create: the fields `kubectl describe` needs are required,
+/// as the real validation requires them.
+async fn create_event(
+    State(api): State<ApiServer>,
+    Path(ns): Path<String>,
+    body: Bytes,
+) -> Response {
+    let mut obj = match parse_object(&body, "Event", &ns) {
+        Ok(o) => o,
+        Err(r) => return *r,
+    };
+    let mut missing = vec![];
+    for field in [
+        "reason",
+        "action",
+        "reportingController",
+        "reportingInstance",
+        "eventTime",
+        "type",
+    ] {
+        if obj[field].as_str().is_none_or(str::is_empty) {
+            missing.push(field);
+        }
+    }
+    if obj["type"]
+        .as_str()
+        .is_some_and(|t| t != "Normal" && t != "Warning")
+    {
+        missing.push("type (Normal|Warning)");
+    }
+    if obj["regarding"]["kind"].as_str().is_none() || obj["regarding"]["name"].as_str().is_none() {
+        missing.push("regarding");
+    }
+    let name = match (
+        obj["metadata"]["name"].as_str(),
+        obj["metadata"]["generateName"].as_str(),
+    ) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(g)) => {
+            let store = api.store.lock().expect("store");
+            format!("{g}{:x}", store.rv)
+        }
+        _ => {
+            missing.push("metadata.name");
+            String::new()
+        }
+    };
+    if !missing.is_empty() {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!(
+                "Event.events.k8s.io {name:?} is invalid: required: {}",
+                missing.join(", ")
+            ),
+            json!({"kind": "Event", "group": "events.k8s.io"}),
+        );
+    }
+    let mut store = api.store.lock().expect("store");
+    if store.get("events", &ns, &name).is_some() {
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("events.events.k8s.io \"{name}\" already exists"),
+            json!({}),
+        );
+    }
+    api.ensure_namespace(&mut store, &ns);
+    obj["metadata"]["name"] = json!(name);
+    obj["metadata"]["namespace"] = json!(ns);
+    obj["metadata"]["uid"] = json!(uid(&format!("event/{ns}/{name}")));
+    obj["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+    let stored = api.commit(&mut store, "ADDED", "events", obj);
+    (
+        StatusCode::CREATED,
+        [("content-type", "application/json")],
+        stored.to_string(),
+    )
+        .into_response()
+}
+
+/// An events.k8s.io/v1 Event as the core/v1 API shows the same object.
+fn core_event(e: &Value) -> Value {
+    let time = e["eventTime"].clone();
+    json!({
+        "kind": "Event", "apiVersion": "v1", "metadata": e["metadata"],
+        "involvedObject": e["regarding"], "reason": e["reason"], "message": e["note"], "type": e["type"],
+        "source": {"component": e["reportingController"]}, "reportingComponent": e["reportingController"],
+        "reportingInstance": e["reportingInstance"], "action": e["action"], "eventTime": time,
+        "firstTimestamp": e["metadata"]["creationTimestamp"], "lastTimestamp": e["metadata"]["creationTimestamp"],
+        "count": e["series"]["count"].as_i64().unwrap_or(1),
+    })
+}
+
+async fn core_events(api: ApiServer, ns: Option<String>, p: ListParams) -> Response {
+    let store = api.store.lock().expect("store");
+    let items: Vec<Value> = store
+        .list("events", ns.as_deref())
+        .into_iter()
+        .map(core_event)
+        .filter(|e| matches(e, &p))
+        .collect();
+    json_response(
+        &json!({"kind": "EventList", "apiVersion": "v1", "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
+    )
+}
+
+async fn list_core_events(State(api): State<ApiServer>, Query(p): Query<ListParams>) -> Response {
+    core_events(api, None, p).await
+}
+
+async fn list_core_events_in(
+    State(api): State<ApiServer>,
+    Path(ns): Path<String>,
+    Query(p): Query<ListParams>,
+) -> Response {
+    core_events(api, Some(ns), p).await
 }
 
 async fn get_pod(
@@ -1044,9 +1703,13 @@ async fn watch(
     );
     let timeout = Duration::from_secs(p.timeout_seconds.unwrap_or(1800).min(3600));
     use futures::StreamExt;
+    let mut cut = api.faults.cut_receiver();
     let stream = futures::stream::iter(head)
         .chain(live)
-        .take_until(tokio::time::sleep(timeout));
+        .take_until(tokio::time::sleep(timeout))
+        .take_until(async move {
+            let _ = cut.recv().await;
+        });
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")

@@ -38,8 +38,10 @@ enum Cmd {
     #[command(
         after_help = "Example:\n  cnishift-lab apiserver --listen 127.0.0.1:16443 --kubeconfig-out /tmp/lab.kubeconfig --nodes 9 &\n  \
                             KUBECONFIG=/tmp/lab.kubeconfig kubectl get nodes\n\n\
-                            Serves discovery, /version, Nodes, Pods with evictions and PodDisruptionBudgets, DaemonSets\n\
-                            and ReplicaSets over plain HTTP on the given address (no Deployments, Leases or Events yet)."
+                            Serves discovery, /version, Nodes, Pods with evictions and PodDisruptionBudgets, DaemonSets,\n\
+                            Deployments/ReplicaSets, Leases and Events over plain HTTP on the given address, with the\n\
+                            seed cluster's workload: Longhorn and node-exporter DaemonSets, CoreDNS, Traefik, ArgoCD,\n\
+                            a web app (ArgoCD and web behind PodDisruptionBudgets)."
     )]
     Apiserver {
         #[arg(long, default_value = "127.0.0.1:16443")]
@@ -138,6 +140,15 @@ fn run_apiserver(
         .take(nodes)
     {
         api.add_node(&name, role == cnishift::inventory::Role::Controller, true);
+    }
+    let names: Vec<String> = seed_nodes()
+        .into_iter()
+        .chain(many_nodes(nodes).into_iter().skip(9))
+        .take(nodes)
+        .map(|(n, _)| n)
+        .collect();
+    if !names.is_empty() {
+        api.add_homelab_workload(&names.iter().map(String::as_str).collect::<Vec<_>>());
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

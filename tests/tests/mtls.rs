@@ -19,6 +19,7 @@ fn deadlines() -> Deadlines {
         connect: Duration::from_secs(3),
         report: Duration::from_secs(10),
         cleanup: Duration::from_secs(30),
+        ..Deadlines::default()
     }
 }
 
@@ -618,6 +619,7 @@ async fn a_slow_agent_is_reported_within_its_deadline() {
         connect: Duration::from_millis(700),
         report: Duration::from_secs(5),
         cleanup: Duration::from_secs(5),
+        ..Deadlines::default()
     };
     let start = Instant::now();
     let err = agents::get_report(&node, &coordinator_tls(pki.dir.path()), &d)
