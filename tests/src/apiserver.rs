@@ -86,6 +86,8 @@ pub struct Faults {
     rules: Mutex<Vec<FailRule>>,
     cut: Mutex<Option<broadcast::Sender<()>>>,
     requests: std::sync::atomic::AtomicU64,
+    /// (method, path) of every request, in order.
+    log: Mutex<Vec<(String, String)>>,
 }
 
 struct FailRule {
@@ -121,6 +123,15 @@ impl Faults {
     pub fn requests(&self) -> u64 {
         self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
+    /// How many requests had `method` and a path containing `path_contains`.
+    pub fn requests_matching(&self, method: &str, path_contains: &str) -> usize {
+        self.log
+            .lock()
+            .expect("faults")
+            .iter()
+            .filter(|(m, p)| m == method && p.contains(path_contains))
+            .count()
+    }
     fn take_failure(&self, method: &str, path: &str) -> Option<StatusCode> {
         let mut rules = self.rules.lock().expect("faults");
         let i = rules.iter().position(|r| {
@@ -152,6 +163,11 @@ async fn inject_faults(
     faults
         .requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    faults
+        .log
+        .lock()
+        .expect("faults")
+        .push((req.method().to_string(), req.uri().path().to_string()));
     let delay = *faults.delay.lock().expect("faults");
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -769,6 +785,17 @@ impl ApiServer {
             .with_state(self)
     }
 
+    /// Serves on a fresh loopback port in the current runtime; returns the address.
+    pub async fn start(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local address");
+        let me = self.clone();
+        tokio::spawn(async move { me.serve(listener).await });
+        addr
+    }
+
     /// Serves on `listener` until the runtime stops.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         axum::serve(listener, self.router()).await
@@ -1057,13 +1084,7 @@ async fn list_or_watch(
     if resource == "nodes" && wants_table(headers) {
         return json_response(&node_table(&items.iter().collect::<Vec<_>>(), store.rv));
     }
-    let api_version = match resource {
-        "poddisruptionbudgets" => "policy/v1",
-        "daemonsets" | "replicasets" | "deployments" => "apps/v1",
-        "leases" => "coordination.k8s.io/v1",
-        "events" => "events.k8s.io/v1",
-        _ => "v1",
-    };
+    let api_version = type_of(resource).1;
     json_response(
         &json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
     )
@@ -1610,6 +1631,22 @@ async fn evict_pod(
     (StatusCode::CREATED, [("content-type", "application/json")], json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}).to_string()).into_response()
 }
 
+/// (kind, apiVersion) of a resource's objects.
+fn type_of(resource: &str) -> (&'static str, &'static str) {
+    match resource {
+        "nodes" => ("Node", "v1"),
+        "pods" => ("Pod", "v1"),
+        "namespaces" => ("Namespace", "v1"),
+        "poddisruptionbudgets" => ("PodDisruptionBudget", "policy/v1"),
+        "daemonsets" => ("DaemonSet", "apps/v1"),
+        "deployments" => ("Deployment", "apps/v1"),
+        "replicasets" => ("ReplicaSet", "apps/v1"),
+        "leases" => ("Lease", "coordination.k8s.io/v1"),
+        "events" => ("Event", "events.k8s.io/v1"),
+        _ => ("Unknown", "v1"),
+    }
+}
+
 fn in_scope(c: &Change, resource: &str, ns: Option<&str>, p: &ListParams) -> bool {
     c.resource == resource
         && ns.is_none_or(|ns| c.object["metadata"]["namespace"] == ns)
@@ -1676,9 +1713,11 @@ async fn watch(
         .map(|c| Ok(line(c.kind, &c.object)))
         .collect();
     if p.allow_watch_bookmarks == Some(true) {
+        // A real server's bookmark carries the kind and apiVersion (clients need them).
+        let (kind, api_version) = type_of(resource);
         head.push(Ok(line(
             "BOOKMARK",
-            &json!({"metadata": {"resourceVersion": rv_now.to_string()}}),
+            &json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv_now.to_string()}}),
         )));
     }
     let last_sent = initial.last().map(|c| c.rv).unwrap_or(rv_now);

@@ -225,8 +225,16 @@ impl Kube {
         let uid = pod.metadata.uid.clone();
         progress(DrainEvent::Evicting(full.clone()));
         let mut pdb: Option<String> = None;
+        let mut last: Option<Blocked> = None;
         loop {
             let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Failure::Blocked(last.unwrap_or(Blocked {
+                    pod: full,
+                    pdb,
+                    reason: "the drain deadline passed before the eviction was asked".into(),
+                })));
+            }
             let timeout = self.api_timeout.min(left);
             let answer = tokio::time::timeout(
                 timeout,
@@ -288,9 +296,7 @@ impl Kube {
                 },
             };
             let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Failure::Blocked(reason));
-            }
+            last = Some(reason);
             tokio::time::sleep(policy.retry_interval.min(left)).await;
         }
         // Accepted: wait until it is deleted or replaced by a pod with a new UID.
@@ -403,5 +409,81 @@ impl Kube {
             skipped,
             elapsed_ms: started.elapsed().as_millis(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(extra_meta: serde_json::Value, volumes: serde_json::Value, phase: &str) -> Pod {
+        let mut meta = json!({"name": "p", "namespace": "ns"});
+        meta.as_object_mut()
+            .unwrap()
+            .extend(extra_meta.as_object().unwrap().clone());
+        serde_json::from_value(json!({"metadata": meta, "spec": {"containers": [], "volumes": volumes}, "status": {"phase": phase}}))
+            .unwrap()
+    }
+
+    fn owned_by(kind: &str) -> serde_json::Value {
+        json!({"ownerReferences": [{"apiVersion": "apps/v1", "kind": kind, "name": "o", "uid": "u", "controller": true}]})
+    }
+
+    #[test]
+    fn what_stays_what_goes_and_what_is_refused() {
+        let safe = DrainPolicy::default();
+        let p = |m, v, ph| classify(&pod(m, v, ph), &safe);
+        assert_eq!(
+            p(owned_by("ReplicaSet"), json!([]), "Running"),
+            Disposition::Evict
+        );
+        assert_eq!(
+            p(owned_by("StatefulSet"), json!([]), "Running"),
+            Disposition::Evict
+        );
+        assert!(
+            matches!(p(owned_by("DaemonSet"), json!([]), "Running"), Disposition::Skip(w) if w.contains("DaemonSet"))
+        );
+        let mirror = json!({"annotations": {"kubernetes.io/config.mirror": "abc"}});
+        assert!(
+            matches!(p(mirror, json!([]), "Running"), Disposition::Skip(w) if w.contains("mirror"))
+        );
+        // Finished pods stay even without a controller.
+        assert!(
+            matches!(p(json!({}), json!([]), "Succeeded"), Disposition::Skip(w) if w.contains("Succeeded"))
+        );
+        assert!(
+            matches!(p(json!({}), json!([]), "Running"), Disposition::Refuse(w) if w.contains("allow_unmanaged"))
+        );
+        let scratch = json!([{"name": "scratch", "emptyDir": {}}]);
+        assert!(
+            matches!(p(owned_by("ReplicaSet"), scratch.clone(), "Running"), Disposition::Refuse(w) if w.contains("scratch") && w.contains("allow_local_storage"))
+        );
+        // A non-controller owner reference does not make a pod managed.
+        let weak = json!({"ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "u"}]});
+        assert!(matches!(
+            p(weak, json!([]), "Running"),
+            Disposition::Refuse(_)
+        ));
+
+        let permissive = DrainPolicy {
+            allow_unmanaged: true,
+            allow_local_storage: true,
+            ..DrainPolicy::default()
+        };
+        assert_eq!(
+            classify(&pod(json!({}), scratch, "Running"), &permissive),
+            Disposition::Evict
+        );
+    }
+
+    #[test]
+    fn the_budget_is_read_from_the_429_cause() {
+        let status: kube::core::Status = serde_json::from_value(json!({"status": "Failure", "code": 429, "reason": "TooManyRequests", "message": "Cannot evict pod as it would violate the pod's disruption budget.",
+            "details": {"causes": [{"reason": "DisruptionBudget", "message": "The disruption budget web-pdb needs 2 healthy pods and has 2 currently"}]}})).unwrap();
+        assert_eq!(pdb_from_status(&status).as_deref(), Some("web-pdb"));
+        let bare: kube::core::Status = serde_json::from_value(json!({"status": "Failure", "code": 429, "reason": "TooManyRequests", "message": "slow down"})).unwrap();
+        assert_eq!(pdb_from_status(&bare), None);
     }
 }

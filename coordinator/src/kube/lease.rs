@@ -134,6 +134,18 @@ pub struct LockGuard {
     renewer: tokio::task::JoinHandle<()>,
 }
 
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard")
+            .field(
+                "lease",
+                &format!("{}/{}", self.opts.namespace, self.opts.name),
+            )
+            .field("holder", &self.opts.holder)
+            .finish()
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
         self.renewer.abort();

@@ -133,6 +133,17 @@ impl Kube {
         })
     }
 
+    /// A client for the API server at `url` without credentials (the lab's
+    /// simulated server).
+    pub fn for_url(url: &str, api_timeout: Duration) -> Result<Kube, KubeError> {
+        let uri = url
+            .parse()
+            .map_err(|e| KubeError::Config(format!("{url}: {e}")))?;
+        let mut config = Config::new(uri);
+        config.connect_timeout = Some(api_timeout);
+        Self::from_config(config, api_timeout)
+    }
+
     /// A client over any tower service (the request-shape tests use tower-test).
     pub fn from_client(client: Client, api_timeout: Duration) -> Kube {
         let config = Config::new("http://127.0.0.1:1".parse().expect("static URI"));
@@ -163,6 +174,13 @@ impl Kube {
     /// Turns a kube error into ours.
     pub fn error(&self, what: String, e: kube::Error) -> KubeError {
         match e {
+            // kube's stand-in for a watch line that was neither an event nor a Status.
+            kube::Error::Api(s) if s.code == 0 => KubeError::Api {
+                what,
+                code: 0,
+                reason: "(undecodable)".into(),
+                message: "the API server sent a watch event that could not be decoded".into(),
+            },
             // kube's stand-in when the error body was not a Kubernetes Status.
             kube::Error::Api(s) if s.reason.starts_with("Failed to parse") => KubeError::Api {
                 what,

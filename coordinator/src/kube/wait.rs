@@ -111,6 +111,7 @@ where
                 }
             };
             let mut stream = std::pin::pin!(stream);
+            let mut failed = false;
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(WatchEvent::Added(o)) | Ok(WatchEvent::Modified(o)) => {
@@ -132,10 +133,12 @@ where
                     Ok(WatchEvent::Error(s)) => {
                         last =
                             format!("{what}: watch error {} {}: {}", s.code, s.reason, s.message);
+                        failed = true;
                         break;
                     }
                     Err(e) => {
                         last = kube.error(what.to_string(), e).to_string();
+                        failed = true;
                         break;
                     }
                 }
@@ -145,7 +148,11 @@ where
                     Err(why) => last = why,
                 }
             }
-            tracing::debug!(what, rv = ?rv, "watch ended; resuming");
+            tracing::debug!(what, rv = ?rv, failed, "watch ended; resuming");
+            if failed {
+                // Never spin on a stream that fails straight away.
+                pause(&mut backoff).await;
+            }
         }
     };
     match tokio::time::timeout(deadline, run).await {
