@@ -431,6 +431,12 @@ impl ApiServer {
             "nodes",
             node_object(name, controller, ready),
         );
+        // The kubelet's heartbeat Lease, which `kubectl describe node` shows.
+        self.ensure_namespace(&mut store, "kube-node-lease");
+        let lease = json!({"kind": "Lease", "apiVersion": "coordination.k8s.io/v1",
+            "metadata": {"name": name, "namespace": "kube-node-lease", "uid": uid(&format!("lease/node/{name}")), "creationTimestamp": now_rfc3339()},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now_rfc3339().replace('Z', ".000000Z")}});
+        self.commit(&mut store, "ADDED", "leases", lease);
     }
 
     /// The lab's hand on the kubelet: flips the node's Ready condition.
@@ -769,6 +775,10 @@ impl ApiServer {
             .route(
                 "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
                 get(list_ns_pdbs),
+            )
+            .route(
+                "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{name}",
+                get(get_in::<5>),
             )
             .fallback(|| async {
                 status(
@@ -1210,12 +1220,13 @@ fn with_ds_status(store: &Store, mut ds: Value) -> Value {
 }
 
 /// Resources served by the generic handlers, by index.
-const GENERIC: [(&str, &str); 5] = [
+const GENERIC: [(&str, &str); 6] = [
     ("daemonsets", "DaemonSet"),
     ("deployments", "Deployment"),
     ("replicasets", "ReplicaSet"),
     ("leases", "Lease"),
     ("events", "Event"),
+    ("poddisruptionbudgets", "PodDisruptionBudget"),
 ];
 
 async fn list_all<const R: usize>(

@@ -11,7 +11,7 @@ struct Sim {
     api: ApiServer,
     kubeconfig: tempfile::NamedTempFile,
     addr: std::net::SocketAddr,
-    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
 }
 
 fn sim() -> Sim {
@@ -35,7 +35,7 @@ fn sim() -> Sim {
         api,
         kubeconfig: kc,
         addr,
-        _rt: rt,
+        rt,
     }
 }
 
@@ -493,5 +493,128 @@ fn a_pdb_that_never_allows_stops_kubectl_drain_at_its_timeout() {
         t.contains("TooManyRequests")
             && t.contains("Cannot evict pod as it would violate the pod's disruption budget"),
         "{t}"
+    );
+}
+
+#[test]
+fn kubectl_shows_what_the_coordinator_did_events_lease_and_workload() {
+    use cnishift::kube::events::{Kind, Step};
+    let s = sim();
+    s.api.add_homelab_workload(&["opi01", "raccoon00"]);
+    let _in_runtime = s.rt.enter(); // kube's client spawns its buffer task
+    let kube = cnishift::kube::Kube::for_url(&format!("http://{}", s.addr), Duration::from_secs(5))
+        .unwrap();
+    let guard = s.rt.block_on(async {
+        let guard = kube
+            .acquire_lock(&cnishift::kube::lease::LockOptions::new(
+                "alice@admin pid 7".into(),
+            ))
+            .await
+            .unwrap();
+        kube.cordon("raccoon00").await.unwrap();
+        kube.record(
+            "raccoon00",
+            Step {
+                reason: "MigrationCordoned",
+                action: "Cordon",
+                note: "cnishift cordoned the node".into(),
+                kind: Kind::Normal,
+            },
+            guard.holder(),
+        )
+        .await
+        .unwrap();
+        kube.record(
+            "raccoon00",
+            Step {
+                reason: "MigrationDrainFailed",
+                action: "Drain",
+                note: "pod shop/db is kept by PodDisruptionBudget shop/db-pdb".into(),
+                kind: Kind::Warning,
+            },
+            guard.holder(),
+        )
+        .await
+        .unwrap();
+        guard
+    });
+    let describe = s.ok(&["describe", "node", "raccoon00"]);
+    let events: Vec<&str> = describe
+        .lines()
+        .skip_while(|l| !l.starts_with("Events:"))
+        .collect();
+    assert!(events.len() >= 4, "{describe}");
+    assert!(
+        events.iter().any(|l| l.contains("Normal")
+            && l.contains("MigrationCordoned")
+            && l.contains("cnishift.io/coordinator")),
+        "{describe}"
+    );
+    assert!(
+        events.iter().any(|l| l.contains("Warning")
+            && l.contains("MigrationDrainFailed")
+            && l.contains("shop/db-pdb")),
+        "{describe}"
+    );
+    assert!(
+        describe
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Unschedulable:", "true"])),
+        "{describe}"
+    );
+    assert!(
+        !describe.contains("Failed to get lease"),
+        "the kubelet's node Lease exists: {describe}"
+    );
+    // Another node's describe does not show them.
+    assert!(!s
+        .ok(&["describe", "node", "opi01"])
+        .contains("MigrationCordoned"));
+
+    let holder = s.ok(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-system",
+        "cnishift-migration",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder, "alice@admin pid 7");
+    let events = s.ok(&[
+        "get",
+        "events",
+        "-A",
+        "--field-selector",
+        "involvedObject.name=raccoon00",
+        "-o",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&events).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 2, "{events}");
+    let deploys = s.ok(&["get", "deployments", "-n", "argocd", "-o", "name"]);
+    assert_eq!(
+        deploys.lines().collect::<Vec<_>>(),
+        [
+            "deployment.apps/argocd-repo-server",
+            "deployment.apps/argocd-server"
+        ]
+    );
+    let pdb = s.ok(&[
+        "get",
+        "pdb",
+        "-n",
+        "argocd",
+        "argocd-server",
+        "-o",
+        "jsonpath={.status.disruptionsAllowed}",
+    ]);
+    assert_eq!(pdb, "1");
+    s.rt.block_on(guard.release()).unwrap();
+    let gone = s.kubectl(&["get", "lease", "-n", "kube-system", "cnishift-migration"]);
+    assert!(!gone.status.success());
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("NotFound")
+            || String::from_utf8_lossy(&gone.stderr).contains("not found")
     );
 }
