@@ -595,6 +595,44 @@ address = "raccoon00.lan:7443"
     }
 
     #[test]
+    fn drain_policy_and_kubernetes_deadlines() {
+        let inv = parse(GOOD).unwrap();
+        assert!(
+            !inv.drain.allow_unmanaged && !inv.drain.allow_local_storage,
+            "safe by default"
+        );
+        assert_eq!(inv.drain.parallel_evictions, 8);
+        assert_eq!(inv.deadlines.drain, Duration::from_secs(600));
+        let text = GOOD.replace(
+            "connect = \"2s\"",
+            "connect = \"2s\"\ndrain = \"15m\"\nnode_ready = \"4m\"\napi = \"5s\"\n\n[drain]\nallow_local_storage = true\nparallel_evictions = 4\nretry_interval = \"2s\"",
+        );
+        let inv = parse(&text).unwrap();
+        assert_eq!(inv.deadlines.drain, Duration::from_secs(900));
+        assert_eq!(inv.deadlines.node_ready, Duration::from_secs(240));
+        assert_eq!(inv.deadlines.api, Duration::from_secs(5));
+        assert!(inv.drain.allow_local_storage && !inv.drain.allow_unmanaged);
+        assert_eq!(inv.drain.parallel_evictions, 4);
+        assert_eq!(inv.drain.retry_interval, Duration::from_secs(2));
+
+        let bad =
+            |section: &str| err(&GOOD.replace("[deadlines]", &format!("{section}\n\n[deadlines]")));
+        let e = bad("[drain]\nparallel_evictions = 0");
+        assert!(
+            e.message
+                .contains("drain.parallel_evictions: 0 is not between 1 and 256"),
+            "{e}"
+        );
+        assert!(e.line > 0, "{e}");
+        let e = bad("[drain]\nretry_interval = \"soon\"");
+        assert!(e.message.starts_with("drain.retry_interval"), "{e}");
+        let e = bad("[drain]\nallow_unmanged = true");
+        assert!(e.message.contains("unknown field `allow_unmanged`"), "{e}");
+        let e = bad("[drain]\nallow_unmanaged = \"yes\"");
+        assert!(e.message.contains("invalid type"), "{e}");
+    }
+
+    #[test]
     fn errors_name_line_column_and_a_fix() {
         let e = err(&GOOD.replace("role = \"worker\"", "role = \"wrker\""));
         assert_eq!((e.line, e.column), (22, 8), "{e}");

@@ -1,0 +1,344 @@
+//! The `cnishift` binary's Kubernetes commands against the simulated API
+//! server: kubeconfig resolution, the lock between two real coordinator
+//! processes, a stale lock, the cluster gates' exit codes, and an API server
+//! that is down.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cnishift_lab::apiserver::{kubeconfig, ApiServer};
+use serde_json::{json, Value};
+
+struct Setup {
+    api: ApiServer,
+    addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+const NODES: [&str; 3] = ["opi01", "raccoon00", "raccoon01"];
+
+fn setup() -> Setup {
+    let api = ApiServer::new();
+    for (i, n) in NODES.iter().enumerate() {
+        api.add_node(n, i == 0, true);
+    }
+    api.add_homelab_workload(&NODES);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = rt.block_on(api.start());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("kubeconfig"), kubeconfig(addr)).unwrap();
+    std::fs::write(
+        dir.path().join("cluster.toml"),
+        inventory(&addr.to_string()),
+    )
+    .unwrap();
+    Setup {
+        api,
+        addr,
+        dir,
+        _rt: rt,
+    }
+}
+
+fn inventory(vip: &str) -> String {
+    let mut s = format!(
+        "[cluster]\nname = \"lab\"\napi_vip = \"{vip}\"\ncilium_namespace = \"cilium\"\n\n\
+         [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator-key.pem\"\n\n\
+         [deadlines]\ndrain = \"3s\"\napi = \"2s\"\nnode_ready = \"2s\"\n\n[drain]\nretry_interval = \"200ms\"\n"
+    );
+    for (i, n) in NODES.iter().enumerate() {
+        let role = if i == 0 { "controller" } else { "worker" };
+        s.push_str(&format!(
+            "\n[[nodes]]\nname = \"{n}\"\nrole = \"{role}\"\naddress = \"10.1.0.{}:7443\"\n",
+            10 + i
+        ));
+    }
+    s
+}
+
+fn cnishift() -> PathBuf {
+    cnishift_lab::cluster::binary("cnishift", "CNISHIFT_BIN").unwrap()
+}
+
+impl Setup {
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(cnishift());
+        c.env("KUBECONFIG", self.path("kubeconfig"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("CNISHIFT_INVENTORY", self.path("cluster.toml"))
+            .args(args);
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn a_second_coordinator_is_refused_and_told_who_holds_the_lock() {
+    let s = setup();
+    s.api
+        .add_deployment("shop", "db", json!({"app": "db"}), 1, &["raccoon00"]);
+    s.api
+        .add_pdb("shop", "db-pdb", json!({"app": "db"}), None, Some(0));
+    let first = s
+        .cmd(&["node", "drain", "raccoon00"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = first.id();
+    let started = Instant::now();
+    while s.api.lease("kube-system", "cnishift-migration").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the first coordinator never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = s.run(&["node", "cordon", "raccoon01"]);
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("another coordinator is migrating this cluster"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("pid {pid}")) && err.contains(" since 20"),
+        "who and since when: {err}"
+    );
+    assert!(
+        s.api.node("raccoon01").unwrap()["spec"]["unschedulable"].is_null(),
+        "the refused coordinator changed nothing"
+    );
+
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(first.status.code(), Some(1), "{}", text(&first));
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(err.contains("PodDisruptionBudget shop/db-pdb"), "{err}");
+    assert!(
+        s.api.lease("kube-system", "cnishift-migration").is_none(),
+        "released on the way out"
+    );
+    let reasons: Vec<String> = s
+        .api
+        .events_about("Node", "raccoon00")
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["type"].as_str().unwrap(),
+                e["reason"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "Normal MigrationCordoned",
+            "Normal MigrationDrainStarted",
+            "Warning MigrationDrainFailed"
+        ]
+    );
+
+    let again = s.run(&["node", "cordon", "raccoon01", "-o", "json"]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    let v: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["result"]["was_cordoned"], false);
+}
+
+#[test]
+fn a_stale_lock_needs_the_flag_and_lock_status_and_release_say_what_they_do() {
+    let s = setup();
+    s.api.put_lease(
+        "kube-system",
+        "cnishift-migration",
+        json!({"holderIdentity": "ghost@gone pid 1", "leaseDurationSeconds": 30,
+        "acquireTime": "2026-01-01T00:00:00.000000Z", "renewTime": "2026-01-01T00:10:00.000000Z"}),
+    );
+    let status = s.run(&["lock", "status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("held by ghost@gone pid 1")
+            && String::from_utf8_lossy(&status.stdout).contains("STALE"),
+        "{}",
+        text(&status)
+    );
+    let refused = s.run(&["node", "cordon", "raccoon00"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--take-over-stale-lock"),
+        "{}",
+        text(&refused)
+    );
+    assert!(s.api.node("raccoon00").unwrap()["spec"]["unschedulable"].is_null());
+    let taken = s.run(&["node", "cordon", "raccoon00", "--take-over-stale-lock"]);
+    assert_eq!(taken.status.code(), Some(0), "{}", text(&taken));
+    assert_eq!(
+        s.api.node("raccoon00").unwrap()["spec"]["unschedulable"],
+        true
+    );
+    let free = s.run(&["lock", "status", "-o", "json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&free.stdout).trim(),
+        "null",
+        "{}",
+        text(&free)
+    );
+
+    // A fresh lease of someone else: release needs --force and says whose it was.
+    s.api.put_lease(
+        "kube-system",
+        "cnishift-migration",
+        json!({"holderIdentity": "bob@laptop pid 9", "leaseDurationSeconds": 30,
+        "acquireTime": "2099-01-01T00:00:00.000000Z", "renewTime": "2099-01-01T00:00:00.000000Z"}),
+    );
+    let no_force = s.run(&["lock", "release"]);
+    assert_eq!(no_force.status.code(), Some(2), "{}", text(&no_force));
+    assert!(s.api.lease("kube-system", "cnishift-migration").is_some());
+    let forced = s.run(&["lock", "release", "--force"]);
+    assert_eq!(forced.status.code(), Some(0), "{}", text(&forced));
+    assert!(String::from_utf8_lossy(&forced.stdout).contains("bob@laptop pid 9"));
+    assert!(s.api.lease("kube-system", "cnishift-migration").is_none());
+}
+
+#[test]
+fn cluster_check_exit_codes_and_json() {
+    let s = setup();
+    let ok = s.run(&["cluster", "check", "-o", "json"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    let gates: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    let ids: Vec<&str> = gates
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "nodes.ready",
+            "pdbs.blocking",
+            "pods.healthy",
+            "cilium.daemonset",
+            "api.vip"
+        ]
+    );
+    assert_eq!(gates[4]["verdict"], "pass", "{gates}");
+
+    s.api.set_node_ready("raccoon01", false);
+    let bad = s.run(&["cluster", "check"]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("✗ nodes.ready") && l.contains("raccoon01")),
+        "{out}"
+    );
+    assert!(out.contains("1 gate(s) failed"), "{out}");
+}
+
+fn write_kubeconfig(path: &Path, contexts: &[(&str, String)], current: &str) {
+    let mut s = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
+    for (name, server) in contexts {
+        s.push_str(&format!(
+            "- name: {name}\n  cluster:\n    server: {server}\n"
+        ));
+    }
+    s.push_str("users:\n- name: u\n  user:\n    token: t\ncontexts:\n");
+    for (name, _) in contexts {
+        s.push_str(&format!(
+            "- name: {name}\n  context:\n    cluster: {name}\n    user: u\n"
+        ));
+    }
+    s.push_str(&format!("current-context: {current}\n"));
+    std::fs::write(path, s).unwrap();
+}
+
+#[test]
+fn kubeconfig_resolution_context_flag_and_an_api_server_that_is_down() {
+    let s = setup();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let multi = s.path("multi");
+    write_kubeconfig(
+        &multi,
+        &[
+            ("down", format!("http://{closed}")),
+            ("lab", format!("http://{}", s.addr)),
+        ],
+        "down",
+    );
+
+    // The current context is down: bounded, clear, exit 2 (nothing was done).
+    let started = Instant::now();
+    let down = s.run(&[
+        "node",
+        "cordon",
+        "raccoon00",
+        "--kubeconfig",
+        multi.to_str().unwrap(),
+    ]);
+    assert_eq!(down.status.code(), Some(2), "{}", text(&down));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let err = String::from_utf8_lossy(&down.stderr).to_lowercase();
+    assert!(
+        err.contains("cannot be reached") && err.contains("refused"),
+        "{err}"
+    );
+    let gates = s.run(&["cluster", "check", "--kubeconfig", multi.to_str().unwrap()]);
+    assert_eq!(gates.status.code(), Some(1), "{}", text(&gates));
+
+    // --context picks the live one; KUBECONFIG is read when --kubeconfig is absent.
+    let mut c = s.cmd(&["node", "cordon", "raccoon00", "--context", "lab"]);
+    c.env("KUBECONFIG", &multi);
+    let live = c.output().unwrap();
+    assert_eq!(live.status.code(), Some(0), "{}", text(&live));
+    assert_eq!(
+        s.api.node("raccoon00").unwrap()["spec"]["unschedulable"],
+        true
+    );
+    let nope = s.run(&[
+        "cluster",
+        "check",
+        "--kubeconfig",
+        multi.to_str().unwrap(),
+        "--context",
+        "nope",
+    ]);
+    assert_eq!(nope.status.code(), Some(2), "{}", text(&nope));
+    assert!(
+        String::from_utf8_lossy(&nope.stderr).contains("nope"),
+        "{}",
+        text(&nope)
+    );
+
+    // A node that is not in the inventory is never touched.
+    let stranger = s.run(&["node", "cordon", "elsewhere"]);
+    assert_eq!(stranger.status.code(), Some(2), "{}", text(&stranger));
+    assert!(
+        String::from_utf8_lossy(&stranger.stderr).contains("not in"),
+        "{}",
+        text(&stranger)
+    );
+}
