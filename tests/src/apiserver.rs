@@ -808,6 +808,12 @@ impl ApiServer {
 
     /// Serves on `listener` until the runtime stops.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
+        // Go's net package sets TCP_NODELAY on every connection, so a real API
+        // server sends each watch event at once; so does this one.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, self.router()).await
     }
 }
