@@ -153,6 +153,29 @@ pub fn run_node(cmd: NodeCommand) -> ExitCode {
     })
 }
 
+/// Records one Event on `node`; a failure to record is logged, never fatal.
+async fn tell(
+    kube: &Kube,
+    node: &str,
+    identity: &str,
+    reason: &str,
+    action: &str,
+    note: String,
+    kind: Kind,
+) {
+    kube.record_or_warn(
+        node,
+        Step {
+            reason,
+            action,
+            note,
+            kind,
+        },
+        identity,
+    )
+    .await;
+}
+
 /// One step, with its Events on the node; Ok carries a JSON summary with a "message".
 async fn node_step(
     kube: &Kube,
@@ -161,12 +184,6 @@ async fn node_step(
     step: &str,
     identity: &str,
 ) -> Result<serde_json::Value, KubeError> {
-    let ev = |reason: &'static str, action: &'static str, note: String, kind: Kind| Step {
-        reason,
-        action,
-        note,
-        kind,
-    };
     match step {
         "cordon" => {
             let c = kube.cordon(node).await?;
@@ -176,15 +193,14 @@ async fn node_step(
                 "cordoned for the Cilium migration"
             };
             if c.changed {
-                kube.record_or_warn(
+                tell(
+                    kube,
                     node,
-                    ev(
-                        "MigrationCordoned",
-                        "Cordon",
-                        format!("cnishift {msg}"),
-                        Kind::Normal,
-                    ),
                     identity,
+                    "MigrationCordoned",
+                    "Cordon",
+                    format!("cnishift {msg}"),
+                    Kind::Normal,
                 )
                 .await;
             }
@@ -200,15 +216,14 @@ async fn node_step(
                 }
                 Uncordoned::NotOurs => "not cordoned by cnishift; left as it is",
             };
-            kube.record_or_warn(
+            tell(
+                kube,
                 node,
-                ev(
-                    "MigrationUncordoned",
-                    "Uncordon",
-                    format!("cnishift: {msg}"),
-                    Kind::Normal,
-                ),
                 identity,
+                "MigrationUncordoned",
+                "Uncordon",
+                format!("cnishift: {msg}"),
+                Kind::Normal,
             )
             .await;
             Ok(serde_json::json!({"message": msg}))
@@ -216,27 +231,25 @@ async fn node_step(
         "drain" => {
             let c = kube.cordon(node).await?;
             if c.changed {
-                kube.record_or_warn(
+                tell(
+                    kube,
                     node,
-                    ev(
-                        "MigrationCordoned",
-                        "Cordon",
-                        "cnishift cordoned the node to drain it".into(),
-                        Kind::Normal,
-                    ),
                     identity,
+                    "MigrationCordoned",
+                    "Cordon",
+                    "cnishift cordoned the node to drain it".into(),
+                    Kind::Normal,
                 )
                 .await;
             }
-            kube.record_or_warn(
+            tell(
+                kube,
                 node,
-                ev(
-                    "MigrationDrainStarted",
-                    "Drain",
-                    "cnishift is evicting the node's pods (PodDisruptionBudgets honoured)".into(),
-                    Kind::Normal,
-                ),
                 identity,
+                "MigrationDrainStarted",
+                "Drain",
+                "cnishift is evicting the node's pods (PodDisruptionBudgets honoured)".into(),
+                Kind::Normal,
             )
             .await;
             let seen_blocked = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
@@ -269,101 +282,81 @@ async fn node_step(
                         r.skipped.len(),
                         r.elapsed_ms
                     );
-                    kube.record_or_warn(
+                    tell(
+                        kube,
                         node,
-                        ev(
-                            "MigrationDrained",
-                            "Drain",
-                            format!("cnishift {msg}"),
-                            Kind::Normal,
-                        ),
                         identity,
+                        "MigrationDrained",
+                        "Drain",
+                        format!("cnishift {msg}"),
+                        Kind::Normal,
                     )
                     .await;
                     Ok(serde_json::json!({"message": msg, "report": r}))
                 }
                 Err(e) => {
-                    kube.record_or_warn(
+                    tell(
+                        kube,
                         node,
-                        ev(
-                            "MigrationDrainFailed",
-                            "Drain",
-                            e.to_string(),
-                            Kind::Warning,
-                        ),
                         identity,
+                        "MigrationDrainFailed",
+                        "Drain",
+                        e.to_string(),
+                        Kind::Warning,
                     )
                     .await;
                     Err(e)
                 }
             }
         }
-        "wait-ready" => {
-            let r = kube.wait_node_ready(node, inv.deadlines.node_ready).await;
-            match &r {
-                Ok(()) => {
-                    kube.record_or_warn(
-                        node,
-                        ev(
-                            "MigrationNodeReady",
-                            "WaitReady",
-                            "cnishift saw the node Ready".into(),
-                            Kind::Normal,
-                        ),
-                        identity,
-                    )
-                    .await
-                }
-                Err(e) => {
-                    kube.record_or_warn(
-                        node,
-                        ev(
-                            "MigrationNodeNotReady",
-                            "WaitReady",
-                            e.to_string(),
-                            Kind::Warning,
-                        ),
-                        identity,
-                    )
-                    .await
-                }
-            }
-            r.map(|()| serde_json::json!({"message": "Ready"}))
-        }
-        "wait-cilium" => {
+        "wait-ready" | "wait-cilium" => {
             let ns = &inv.cluster.cilium_namespace;
-            let r = kube
-                .wait_cilium_ready(node, ns, inv.deadlines.cilium_ready)
-                .await;
+            let (r, done, action, ok_note) = if step == "wait-ready" {
+                let r = kube.wait_node_ready(node, inv.deadlines.node_ready).await;
+                (
+                    r,
+                    "MigrationNodeReady",
+                    "WaitReady",
+                    "cnishift saw the node Ready".to_string(),
+                )
+            } else {
+                let r = kube
+                    .wait_cilium_ready(node, ns, inv.deadlines.cilium_ready)
+                    .await;
+                (
+                    r,
+                    "MigrationCiliumReady",
+                    "WaitCilium",
+                    format!("cnishift saw the Cilium agent ({ns}) Ready on the node"),
+                )
+            };
             match &r {
                 Ok(()) => {
-                    kube.record_or_warn(
+                    tell(
+                        kube,
                         node,
-                        ev(
-                            "MigrationCiliumReady",
-                            "WaitCilium",
-                            format!("cnishift saw the Cilium agent ({ns}) Ready on the node"),
-                            Kind::Normal,
-                        ),
                         identity,
+                        done,
+                        action,
+                        ok_note.clone(),
+                        Kind::Normal,
                     )
                     .await
                 }
                 Err(e) => {
-                    kube.record_or_warn(
+                    tell(
+                        kube,
                         node,
-                        ev(
-                            "MigrationCiliumNotReady",
-                            "WaitCilium",
-                            e.to_string(),
-                            Kind::Warning,
-                        ),
                         identity,
+                        &done.replace("Ready", "NotReady"),
+                        action,
+                        e.to_string(),
+                        Kind::Warning,
                     )
                     .await
                 }
             }
-            r.map(|()| serde_json::json!({"message": format!("the Cilium agent ({ns}) is Ready")}))
+            r.map(|()| serde_json::json!({"message": ok_note}))
         }
         other => unreachable!("unknown step {other}"),
     }

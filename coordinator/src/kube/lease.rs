@@ -57,24 +57,22 @@ pub fn default_identity() -> String {
     format!("{user}@{host} pid {}", std::process::id())
 }
 
+/// Who holds a lease, as another coordinator is told.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub lease: String,
+    pub holder: String,
+    pub since: String,
+    pub renewed_ago: String,
+    pub ttl_s: i32,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("another coordinator is migrating this cluster: {} holds Lease {lease} since {since}, last renewed {renewed_ago} ago (lease {ttl_s}s); wait for it to finish", .holder)]
-    Held {
-        lease: String,
-        holder: String,
-        since: String,
-        renewed_ago: String,
-        ttl_s: i32,
-    },
-    #[error("Lease {lease} is held by {holder} since {since}, but it was last renewed {renewed_ago} ago, longer than its {ttl_s}s: that coordinator looks gone. If you are sure it is not running, take the lock over with --take-over-stale-lock")]
-    Stale {
-        lease: String,
-        holder: String,
-        since: String,
-        renewed_ago: String,
-        ttl_s: i32,
-    },
+    #[error("another coordinator is migrating this cluster: {} holds Lease {} since {}, last renewed {} ago (lease {}s); wait for it to finish", .0.holder, .0.lease, .0.since, .0.renewed_ago, .0.ttl_s)]
+    Held(Holder),
+    #[error("Lease {} is held by {} since {}, but it was last renewed {} ago, longer than its {}s: that coordinator looks gone. If you are sure it is not running, take the lock over with --take-over-stale-lock", .0.lease, .0.holder, .0.since, .0.renewed_ago, .0.ttl_s)]
+    Stale(Holder),
     #[error("another coordinator wrote Lease {lease} at the same moment (409 Conflict); run again to see who holds it")]
     Conflict { lease: String },
     #[error("the migration lock (Lease {lease}) was lost: {why}")]
@@ -228,29 +226,21 @@ impl Kube {
             Some(existing) => {
                 let seen = info(&existing, &id);
                 if !seen.holder.is_empty() && seen.holder != opts.holder {
-                    let since = seen
-                        .since
-                        .clone()
-                        .unwrap_or_else(|| "an unknown time".into());
+                    let holder = Holder {
+                        lease: id.clone(),
+                        holder: seen.holder.clone(),
+                        since: seen
+                            .since
+                            .clone()
+                            .unwrap_or_else(|| "an unknown time".into()),
+                        renewed_ago: ago(&seen.renewed),
+                        ttl_s: seen.ttl_seconds,
+                    };
                     if !seen.stale {
-                        return Err(LockError::Held {
-                            lease: id,
-                            holder: seen.holder,
-                            since,
-                            renewed_ago: ago(&seen.renewed),
-                            ttl_s: seen.ttl_seconds,
-                        }
-                        .into());
+                        return Err(LockError::Held(holder).into());
                     }
                     if !opts.take_over_stale {
-                        return Err(LockError::Stale {
-                            lease: id,
-                            holder: seen.holder,
-                            since,
-                            renewed_ago: ago(&seen.renewed),
-                            ttl_s: seen.ttl_seconds,
-                        }
-                        .into());
+                        return Err(LockError::Stale(holder).into());
                     }
                     tracing::warn!(lease = %id, previous = %seen.holder, "taking over a stale migration lock");
                 }
