@@ -8,6 +8,7 @@ use std::sync::Arc;
 use cnishift::inventory::{Inventory, Load};
 use cnishift::kube::drain::DrainEvent;
 use cnishift::kube::events::{Kind, Step};
+use cnishift::kube::gates::Gate;
 use cnishift::kube::lease::{self, LockOptions};
 use cnishift::kube::nodes::Uncordoned;
 use cnishift::kube::{Kube, KubeError, KubeOptions};
@@ -50,6 +51,14 @@ fn exit_for(e: &KubeError) -> u8 {
         KubeError::Drain(_) | KubeError::Lock(_) | KubeError::WaitTimedOut { .. } => EXIT_NOT_READY,
         _ => EXIT_ERROR,
     }
+}
+
+/// The cluster gates, for `preflight --cluster`.
+pub async fn gates(args: &KubeArgs, inv: &Inventory) -> Result<Vec<Gate>, ExitCode> {
+    let kube = connect(args, inv).await?;
+    Ok(kube
+        .cluster_gates(&inv.cluster.cilium_namespace, inv.cluster.api_vip)
+        .await)
 }
 
 pub fn run_cluster(args: ClusterArgs) -> ExitCode {

@@ -41,8 +41,10 @@ enum Command {
     /// Ask every agent at once whether its node is ready for Cilium.
     #[command(
         after_help = "Each agent has its own deadline ([deadlines] connect/report in the inventory): a dead,\n\
-                            slow or impostor agent is reported as such and the others still report.\n\n\
-                            Exit codes: 0 every node ready, 1 some node not ready or not reachable, 2 bad inventory or TLS files."
+                            slow or impostor agent is reported as such and the others still report. With --cluster,\n\
+                            the cluster gates (`cnishift cluster check`) are checked too and count towards the exit code.\n\n\
+                            Exit codes: 0 every node ready, 1 some node not ready or not reachable (or a gate failed),\n\
+                            2 bad inventory, TLS files or kubeconfig."
     )]
     Preflight(PreflightArgs),
     /// Remove what Flannel left, node by node: each node's plan first, then (with --apply) the cleanup.
@@ -235,6 +237,11 @@ struct InventoryArg {
 struct PreflightArgs {
     #[command(flatten)]
     inventory: InventoryArg,
+    /// Also check the cluster through the Kubernetes API (the gates of `cnishift cluster check`).
+    #[arg(long)]
+    cluster: bool,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -330,15 +337,37 @@ fn run_preflight(args: PreflightArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let outcomes = rt.block_on(agents::fan_out_reports(&inv.nodes, &tls, &inv.deadlines));
+    let (outcomes, gates) = match rt.block_on(async {
+        let gates = match args.cluster {
+            false => None,
+            true => Some(k8s::gates(&args.kube, &inv).await?),
+        };
+        let outcomes = agents::fan_out_reports(&inv.nodes, &tls, &inv.deadlines).await;
+        Ok::<_, ExitCode>((outcomes, gates))
+    }) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
     let text = match args.output {
-        Output::Json => render::preflight_json(&outcomes),
-        Output::Table => render::preflight_table(&outcomes),
+        Output::Json => render::preflight_json(&outcomes, gates.as_deref()),
+        Output::Table => {
+            let mut t = render::preflight_table(&outcomes);
+            if let Some(g) = &gates {
+                t.push('\n');
+                t.push_str(&render::gates_table(g));
+            }
+            t
+        }
     };
     print!("{text}");
-    let all_ready = outcomes
-        .iter()
-        .all(|o| render::status_of(o) == render::NodeStatus::Ready);
+    let gates_ok = gates.as_deref().is_none_or(|g| {
+        g.iter()
+            .all(|g| g.verdict != cnishift::kube::gates::Verdict::Fail)
+    });
+    let all_ready = gates_ok
+        && outcomes
+            .iter()
+            .all(|o| render::status_of(o) == render::NodeStatus::Ready);
     ExitCode::from(if all_ready { EXIT_OK } else { EXIT_NOT_READY })
 }
 

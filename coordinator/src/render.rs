@@ -88,7 +88,11 @@ pub fn verdict_str(v: i32) -> &'static str {
 }
 
 /// `{ "ready": bool, "nodes": [...] }`: ready is true only when every node is.
-pub fn preflight_json(outcomes: &[Outcome]) -> String {
+/// `cluster`: the cluster gates, when preflight was asked to check them too.
+pub fn preflight_json(
+    outcomes: &[Outcome],
+    cluster: Option<&[crate::kube::gates::Gate]>,
+) -> String {
     let nodes: Vec<JsonNode> = outcomes
         .iter()
         .map(|o| JsonNode {
@@ -118,10 +122,16 @@ pub fn preflight_json(outcomes: &[Outcome]) -> String {
             }),
         })
         .collect();
-    let ready = outcomes.iter().all(|o| status_of(o) == NodeStatus::Ready);
-    serde_json::to_string_pretty(&serde_json::json!({ "ready": ready, "nodes": nodes }))
-        .expect("serialisable")
-        + "\n"
+    let gates_ok = cluster.is_none_or(|g| {
+        g.iter()
+            .all(|g| g.verdict != crate::kube::gates::Verdict::Fail)
+    });
+    let ready = gates_ok && outcomes.iter().all(|o| status_of(o) == NodeStatus::Ready);
+    let mut doc = serde_json::json!({ "ready": ready, "nodes": nodes });
+    if let Some(gates) = cluster {
+        doc["cluster"] = serde_json::to_value(gates).expect("serialisable");
+    }
+    serde_json::to_string_pretty(&doc).expect("serialisable") + "\n"
 }
 
 fn mark(v: i32) -> &'static str {

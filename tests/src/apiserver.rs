@@ -86,7 +86,7 @@ pub struct Faults {
     rules: Mutex<Vec<FailRule>>,
     cut: Mutex<Option<broadcast::Sender<()>>>,
     requests: std::sync::atomic::AtomicU64,
-    /// (method, path) of every request, in order.
+    /// (method, path?query) of every request, in order.
     log: Mutex<Vec<(String, String)>>,
 }
 
@@ -129,8 +129,14 @@ impl Faults {
             .lock()
             .expect("faults")
             .iter()
-            .filter(|(m, p)| m == method && p.contains(path_contains))
+            .filter(|(m, p)| {
+                m == method && p.split('?').next().unwrap_or("").contains(path_contains)
+            })
             .count()
+    }
+    /// Every request so far as (method, path?query), in order.
+    pub fn request_log(&self) -> Vec<(String, String)> {
+        self.log.lock().expect("faults").clone()
     }
     fn take_failure(&self, method: &str, path: &str) -> Option<StatusCode> {
         let mut rules = self.rules.lock().expect("faults");
@@ -167,7 +173,7 @@ async fn inject_faults(
         .log
         .lock()
         .expect("faults")
-        .push((req.method().to_string(), req.uri().path().to_string()));
+        .push((req.method().to_string(), req.uri().to_string()));
     let delay = *faults.delay.lock().expect("faults");
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

@@ -342,3 +342,73 @@ fn kubeconfig_resolution_context_flag_and_an_api_server_that_is_down() {
         text(&stranger)
     );
 }
+
+#[test]
+fn preflight_with_cluster_adds_the_gates_and_a_failed_gate_makes_it_not_ready() {
+    use cnishift_lab::loopback::{Agent, Pki};
+    let s = setup();
+    let pki = Pki::new(&["raccoon00"]).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    cnishift_lab::hostroot::build(root.path(), "raccoon00", cnishift::inventory::Role::Worker)
+        .unwrap();
+    let agent = Agent::start(
+        pki.dir.path(),
+        "raccoon00",
+        "raccoon00",
+        &[
+            "--host-root",
+            root.path().to_str().unwrap(),
+            "--no-live-probes",
+        ],
+    )
+    .unwrap();
+    let inv = format!(
+        "[cluster]\napi_vip = \"{}\"\ncilium_namespace = \"cilium\"\n\n[tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/coordinator.pem\"\nkey = \"{p}/coordinator-key.pem\"\n\n\
+         [[nodes]]\nname = \"raccoon00\"\nrole = \"worker\"\naddress = \"{}\"\n",
+        s.addr,
+        agent.address(),
+        p = pki.dir.path().display()
+    );
+    std::fs::write(s.path("preflight.toml"), inv).unwrap();
+    let inv = s.path("preflight.toml");
+    let run = || {
+        s.run(&[
+            "preflight",
+            "--cluster",
+            "-o",
+            "json",
+            "-i",
+            inv.to_str().unwrap(),
+        ])
+    };
+
+    let ok = run();
+    let v: Value =
+        serde_json::from_slice(&ok.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&ok)));
+    assert_eq!(v["nodes"][0]["status"], "ready", "{}", text(&ok));
+    assert_eq!(v["cluster"].as_array().unwrap().len(), 5, "{v}");
+    assert_eq!(v["ready"], true, "{}", text(&ok));
+    assert_eq!(ok.status.code(), Some(0));
+
+    s.api.set_node_ready("raccoon01", false);
+    let bad = run();
+    let v: Value = serde_json::from_slice(&bad.stdout).unwrap();
+    assert_eq!(
+        v["nodes"][0]["status"], "ready",
+        "the agent's node is still ready"
+    );
+    assert_eq!(v["cluster"][0]["verdict"], "fail");
+    assert_eq!(
+        v["ready"], false,
+        "a failed gate makes the preflight not ready"
+    );
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+
+    // Without --cluster nothing asks the API server.
+    let before = s.api.faults().requests();
+    let plain = s.run(&["preflight", "-o", "json", "-i", inv.to_str().unwrap()]);
+    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain));
+    let v: Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert!(v.get("cluster").is_none());
+    assert_eq!(s.api.faults().requests(), before);
+}

@@ -275,6 +275,30 @@ async fn wait_ready_resumes_after_a_cut_watch_and_times_out_with_the_reason() {
         api.faults().requests_matching("GET", "/api/v1/nodes") > gets_before,
         "the watch was opened again"
     );
+    // Resumed from the last resourceVersion it had seen: a watch, not a new list.
+    let log = api.faults().request_log();
+    let node_gets: Vec<&String> = log
+        .iter()
+        .filter(|(m, p)| m == "GET" && p.starts_with("/api/v1/nodes?"))
+        .map(|(_, p)| p)
+        .collect();
+    let last = node_gets.last().unwrap();
+    let rv = api.node("n1").unwrap()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        last.contains("watch=true") && last.contains(&format!("resourceVersion={rv}")),
+        "{node_gets:#?}"
+    );
+    let lists = node_gets
+        .iter()
+        .filter(|p| !p.contains("watch=true"))
+        .count();
+    assert_eq!(
+        lists, 2,
+        "one list per wait (the timed-out one and this one): {node_gets:#?}"
+    );
     let set = Instant::now();
     api.set_node_ready("n1", true);
     waiter.await.unwrap().unwrap();
