@@ -68,6 +68,9 @@ pub struct Deadlines {
     /// One Kubernetes API request (not a watch).
     #[serde(with = "humantime_str")]
     pub api: Duration,
+    /// The migration lock's lease: gone this long without renewal, it is stale.
+    #[serde(with = "humantime_str")]
+    pub lock_ttl: Duration,
 }
 
 impl Default for Deadlines {
@@ -80,6 +83,7 @@ impl Default for Deadlines {
             node_ready: Duration::from_secs(300),
             cilium_ready: Duration::from_secs(300),
             api: Duration::from_secs(10),
+            lock_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -218,6 +222,7 @@ struct RawDeadlines {
     node_ready: Option<Spanned<String>>,
     cilium_ready: Option<Spanned<String>>,
     api: Option<Spanned<String>>,
+    lock_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -339,6 +344,7 @@ impl Inventory {
                 defaults.cilium_ready,
             )?,
             api: duration(&raw.deadlines.api, "api", defaults.api)?,
+            lock_ttl: duration(&raw.deadlines.lock_ttl, "lock_ttl", defaults.lock_ttl)?,
         };
         let drain_defaults = DrainPolicy::default();
         let drain = DrainPolicy {

@@ -45,10 +45,30 @@ async fn connect(args: &KubeArgs, inv: &Inventory) -> Result<Kube, ExitCode> {
     .map_err(error)
 }
 
-/// 1 for "not done" (refused, blocked, timed out, lock held), 2 for errors.
+/// Resolves on SIGINT or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// 1 for "not done" (refused, blocked, timed out, lock held, interrupted), 2 for errors.
 fn exit_for(e: &KubeError) -> u8 {
     match e {
-        KubeError::Drain(_) | KubeError::Lock(_) | KubeError::WaitTimedOut { .. } => EXIT_NOT_READY,
+        KubeError::Drain(_)
+        | KubeError::Lock(_)
+        | KubeError::WaitTimedOut { .. }
+        | KubeError::Interrupted => EXIT_NOT_READY,
         _ => EXIT_ERROR,
     }
 }
@@ -117,6 +137,7 @@ pub fn run_node(cmd: NodeCommand) -> ExitCode {
         let guard = if matches!(step, "cordon" | "uncordon" | "drain") {
             let mut opts = LockOptions::new(identity.clone());
             opts.take_over_stale = args.take_over_stale_lock;
+            opts.ttl = inv.deadlines.lock_ttl;
             match kube.acquire_lock(&opts).await {
                 Ok(g) => Some(g),
                 Err(e) => {
@@ -127,7 +148,19 @@ pub fn run_node(cmd: NodeCommand) -> ExitCode {
         } else {
             None
         };
-        let result = node_step(&kube, &inv, &args.node, step, &identity).await;
+        // The step stops where it is when the lock is lost or on Ctrl-C/SIGTERM.
+        let work = node_step(&kube, &inv, &args.node, step, &identity);
+        let lost = async {
+            match &guard {
+                Some(g) => KubeError::Lock(g.lost().await),
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            r = work => r,
+            e = lost => Err(e),
+            _ = interrupted() => Err(KubeError::Interrupted),
+        };
         let released = match guard {
             Some(g) => g.release().await,
             None => Ok(()),

@@ -50,7 +50,7 @@ fn inventory(vip: &str) -> String {
     let mut s = format!(
         "[cluster]\nname = \"lab\"\napi_vip = \"{vip}\"\ncilium_namespace = \"cilium\"\n\n\
          [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator-key.pem\"\n\n\
-         [deadlines]\ndrain = \"3s\"\napi = \"2s\"\nnode_ready = \"2s\"\n\n[drain]\nretry_interval = \"200ms\"\n"
+         [deadlines]\ndrain = \"3s\"\napi = \"2s\"\nnode_ready = \"2s\"\nlock_ttl = \"900ms\"\n\n[drain]\nretry_interval = \"200ms\"\n"
     );
     for (i, n) in NODES.iter().enumerate() {
         let role = if i == 0 { "controller" } else { "worker" };
@@ -411,4 +411,77 @@ fn preflight_with_cluster_adds_the_gates_and_a_failed_gate_makes_it_not_ready() 
     let v: Value = serde_json::from_slice(&plain.stdout).unwrap();
     assert!(v.get("cluster").is_none());
     assert_eq!(s.api.faults().requests(), before);
+}
+
+/// Starts a drain of raccoon00 that a budget keeps waiting; returns once it holds the lock.
+fn blocked_drain(s: &Setup) -> std::process::Child {
+    s.api
+        .add_deployment("shop", "db", json!({"app": "db"}), 1, &["raccoon00"]);
+    s.api
+        .add_pdb("shop", "db-pdb", json!({"app": "db"}), None, Some(0));
+    let child = s
+        .cmd(&["node", "drain", "raccoon00"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while s.api.lease("kube-system", "cnishift-migration").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn a_drain_stops_when_its_lock_is_taken_and_releases_it_on_sigterm() {
+    let s = setup();
+    let child = blocked_drain(&s);
+    std::thread::sleep(Duration::from_millis(200));
+    s.api.put_lease(
+        "kube-system",
+        "cnishift-migration",
+        json!({"holderIdentity": "intruder@elsewhere pid 3", "leaseDurationSeconds": 30}),
+    );
+    let stolen_at = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        stolen_at.elapsed() < Duration::from_millis(1500),
+        "stopped at the next renewal: {:?}",
+        stolen_at.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lock") && err.contains("lost") && err.contains("intruder@elsewhere"),
+        "{err}"
+    );
+    assert_eq!(
+        s.api.lease("kube-system", "cnishift-migration").unwrap()["spec"]["holderIdentity"],
+        "intruder@elsewhere pid 3",
+        "a lost lock is not deleted on the way out"
+    );
+
+    let s = setup();
+    let child = blocked_drain(&s);
+    std::thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("interrupted"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        s.api.lease("kube-system", "cnishift-migration").is_none(),
+        "released on SIGTERM"
+    );
 }

@@ -358,10 +358,24 @@ impl LockGuard {
         &self.opts.holder
     }
 
+    /// Resolves when the lock is lost (checks the renewer's verdict, no API calls).
+    pub async fn lost(&self) -> LockError {
+        loop {
+            if let Err(e) = self.check() {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops renewing and deletes the Lease, only if it is still the version we wrote.
     pub async fn release(self) -> Result<(), KubeError> {
         self.renewer.abort();
-        self.check()?;
+        if self.check().is_err() {
+            // Lost: the Lease is someone else's now and is left alone
+            // (whoever holds the guard has already been told, by check or lost).
+            return Ok(());
+        }
         let rv = self.state.lock().expect("lock state").rv.clone();
         let id = format!("{}/{}", self.opts.namespace, self.opts.name);
         let dp = DeleteParams {
@@ -383,11 +397,42 @@ impl LockGuard {
         {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some(404) => Ok(()),
-            Err(e) if e.code() == Some(409) => Err(LockError::Lost {
-                lease: id,
-                why: "another coordinator wrote it before we released it".into(),
+            Err(e) if e.code() == Some(409) => {
+                // Our own renewal may have landed just before it was stopped:
+                // delete only if the Lease still names us.
+                let api = self.kube.leases(&self.opts.namespace);
+                let current = self
+                    .kube
+                    .call(format!("get Lease {id}"), api.get_opt(&self.opts.name))
+                    .await?;
+                match current {
+                    None => Ok(()),
+                    Some(l)
+                        if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                            == Some(self.opts.holder.as_str()) =>
+                    {
+                        let dp = DeleteParams {
+                            preconditions: Some(Preconditions {
+                                resource_version: l.metadata.resource_version.clone(),
+                                uid: None,
+                            }),
+                            ..DeleteParams::default()
+                        };
+                        self.kube
+                            .call(
+                                format!("delete Lease {id}"),
+                                api.delete(&self.opts.name, &dp),
+                            )
+                            .await
+                            .map(|_| ())
+                    }
+                    Some(_) => Err(LockError::Lost {
+                        lease: id,
+                        why: "another coordinator wrote it before we released it".into(),
+                    }
+                    .into()),
+                }
             }
-            .into()),
             Err(e) => Err(e),
         }
     }

@@ -79,6 +79,8 @@ pub enum KubeError {
     Drain(#[from] drain::DrainError),
     #[error("{0}")]
     Lock(#[from] lease::LockError),
+    #[error("interrupted: the step was stopped where it was and the migration lock released; run it again to continue")]
+    Interrupted,
 }
 
 impl KubeError {
