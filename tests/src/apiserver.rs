@@ -1080,6 +1080,30 @@ fn node_table(nodes: &[&Value], rv: u64) -> Value {
     })
 }
 
+/// Server-side printing of pods, with the columns `kubectl get pods [-o wide]` shows.
+fn pod_table(pods: &[Value], rv: u64) -> Value {
+    let rows: Vec<Value> = pods
+        .iter()
+        .map(|p| {
+            let ready = usize::from(pod_ready(p));
+            let containers = p["spec"]["containers"].as_array().map_or(1, Vec::len);
+            json!({
+                "cells": [p["metadata"]["name"], format!("{ready}/{containers}"), p["status"]["phase"], 0,
+                          age(p["metadata"]["creationTimestamp"].as_str().unwrap_or("")), p["status"]["podIP"].as_str().unwrap_or("<none>"), p["spec"]["nodeName"]],
+                "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": p["metadata"]},
+            })
+        })
+        .collect();
+    let col = |name: &str, ty: &str, prio: u8| json!({"name": name, "type": ty, "format": if name == "Name" { "name" } else { "" }, "description": name, "priority": prio});
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv.to_string()},
+        "columnDefinitions": [col("Name", "string", 0), col("Ready", "string", 0), col("Status", "string", 0), col("Restarts", "integer", 0), col("Age", "string", 0), col("IP", "string", 1), col("Node", "string", 1)],
+        "rows": rows,
+    })
+}
+
 fn is_watch(p: &ListParams) -> bool {
     p.watch.as_deref().is_some_and(|w| w == "true" || w == "1")
 }
@@ -1105,6 +1129,9 @@ async fn list_or_watch(
         .collect();
     if resource == "nodes" && wants_table(headers) {
         return json_response(&node_table(&items.iter().collect::<Vec<_>>(), store.rv));
+    }
+    if resource == "pods" && wants_table(headers) {
+        return json_response(&pod_table(&items, store.rv));
     }
     let api_version = type_of(resource).1;
     json_response(

@@ -592,6 +592,20 @@ fn kubectl_shows_what_the_coordinator_did_events_lease_and_workload() {
     ]);
     let v: Value = serde_json::from_str(&events).unwrap();
     assert_eq!(v["items"].as_array().unwrap().len(), 2, "{events}");
+    let pods = s.ok(&["get", "pods", "-n", "argocd", "-o", "wide"]);
+    let header: Vec<&str> = pods.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE"],
+        "{pods}"
+    );
+    assert_eq!(pods.lines().count(), 5, "4 ArgoCD pods: {pods}");
+    assert!(
+        pods.lines()
+            .skip(1)
+            .all(|l| l.contains(" 1/1 ") && l.contains("Running")),
+        "{pods}"
+    );
     let deploys = s.ok(&["get", "deployments", "-n", "argocd", "-o", "name"]);
     assert_eq!(
         deploys.lines().collect::<Vec<_>>(),
