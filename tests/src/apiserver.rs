@@ -138,6 +138,10 @@ impl Faults {
     pub fn request_log(&self) -> Vec<(String, String)> {
         self.log.lock().expect("faults").clone()
     }
+    /// The next `times` matching requests get `200 OK` with a body that is not JSON.
+    pub fn garbage_next(&self, method: &str, path_contains: &str, times: u32) {
+        self.fail_next(method, path_contains, 200, times);
+    }
     fn take_failure(&self, method: &str, path: &str) -> Option<StatusCode> {
         let mut rules = self.rules.lock().expect("faults");
         let i = rules.iter().position(|r| {
@@ -180,6 +184,14 @@ async fn inject_faults(
     }
     let path = req.uri().path().to_string();
     if let Some(code) = faults.take_failure(req.method().as_str(), &path) {
+        if code == StatusCode::OK {
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                "<html><body>captive portal</body></html>\n{\"kind\": \"Nod",
+            )
+                .into_response();
+        }
         let reason = match code.as_u16() {
             409 => "Conflict",
             429 => "TooManyRequests",

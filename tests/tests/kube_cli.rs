@@ -485,3 +485,47 @@ fn a_drain_stops_when_its_lock_is_taken_and_releases_it_on_sigterm() {
         "released on SIGTERM"
     );
 }
+
+#[test]
+fn bad_kubeconfigs_get_a_clear_error_and_exit_2() {
+    let s = setup();
+    let garbage = s.path("garbage");
+    std::fs::write(&garbage, "clusters: [this is: not: yaml\n\u{0}\u{1}").unwrap();
+    let truncated = s.path("truncated");
+    let full = std::fs::read_to_string(s.path("kubeconfig")).unwrap();
+    std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+    let missing = s.path("missing");
+    for (file, expect) in [
+        (&garbage, "garbage"),
+        (&truncated, "truncated"),
+        (&missing, "missing"),
+        (
+            &s.dir.path().to_path_buf(),
+            s.dir.path().file_name().unwrap().to_str().unwrap(),
+        ),
+    ] {
+        let started = Instant::now();
+        let o = s.run(&["cluster", "check", "--kubeconfig", file.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.starts_with("cnishift: kubeconfig: ") && err.contains(expect),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    // KUBECONFIG naming nothing usable, and no in-cluster service account.
+    let o = s
+        .cmd(&["cluster", "check"])
+        .env("KUBECONFIG", &missing)
+        .env("HOME", s.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--kubeconfig"),
+        "says what to do: {}",
+        text(&o)
+    );
+}

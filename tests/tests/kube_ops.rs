@@ -406,6 +406,20 @@ async fn faults_give_bounded_waits_and_clear_errors() {
     assert_eq!(report.evicted.len(), 1);
     assert_eq!(api.faults().requests_matching("POST", "/eviction"), 3);
 
+    // Garbage with a 200: decoded, refused, said so; a garbage watch stream is
+    // survived by the wait (it backs off and watches again).
+    api.faults().garbage_next("GET", "/api/v1/nodes/n2", 1);
+    let err = kube.cordon("n2").await.unwrap_err();
+    assert!(matches!(err, KubeError::BadAnswer { .. }), "{err}");
+    assert!(err.to_string().contains("could not be decoded"), "{err}");
+    api.set_node_ready("n2", false);
+    api.faults().garbage_next("GET", "/api/v1/nodes", 3);
+    let k = kube.clone();
+    let waiter = tokio::spawn(async move { k.wait_node_ready("n2", Duration::from_secs(5)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.set_node_ready("n2", true);
+    waiter.await.unwrap().unwrap();
+
     // 409 while creating the Lease: someone else won.
     api.faults().fail_next("POST", "/leases", 409, 1);
     let err = kube

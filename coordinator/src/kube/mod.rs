@@ -59,6 +59,14 @@ pub enum KubeError {
         url: String,
         detail: String,
     },
+    #[error("{what}: the API server's answer could not be decoded ({detail}); is {url} a Kubernetes API server?")]
+    BadAnswer {
+        what: String,
+        url: String,
+        detail: String,
+    },
+    #[error("{what}: credentials from the kubeconfig could not be used: {detail}")]
+    Credentials { what: String, detail: String },
     #[error("{what}: no answer from the API server within {}", humantime::format_duration(*after))]
     Timeout { what: String, after: Duration },
     #[error("{what}: the API server answered {code} {reason}: {message}")]
@@ -202,6 +210,15 @@ impl Kube {
                 code: s.code,
                 reason: s.reason.clone(),
                 message: s.message.clone(),
+            },
+            kube::Error::SerdeError(e) => KubeError::BadAnswer {
+                what,
+                url: self.config.cluster_url.to_string(),
+                detail: e.to_string(),
+            },
+            kube::Error::Auth(e) => KubeError::Credentials {
+                what,
+                detail: e.to_string(),
             },
             other => {
                 // Walk the source chain for the root cause ("Connection refused").
