@@ -390,6 +390,22 @@ async fn faults_give_bounded_waits_and_clear_errors() {
     let err = kube.cordon("n1").await.unwrap_err();
     assert!(matches!(err, KubeError::Timeout { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_millis(900));
+    // A wait on a slow server ends at its own deadline, saying why.
+    let started = Instant::now();
+    let err = kube
+        .wait_node_ready("n1", Duration::from_millis(800))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(1300),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.to_string()
+            .contains("no answer from the API server within 300ms"),
+        "{err}"
+    );
     api.faults().set_delay(Duration::ZERO);
 
     // 500 on the patch: the error says so, and the next try works.
