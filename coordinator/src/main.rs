@@ -22,9 +22,11 @@ const EXIT_ERROR: u8 = 2;
     version,
     about = "Move a k3s cluster from Flannel to Cilium, node by node",
     long_about = "The coordinator: reads the inventory (cluster.toml), talks to every node's cnishift-agent \
-                  over mutual-TLS gRPC, and checks, then migrates, the cluster.\n\n\
+                  over mutual-TLS gRPC and to the Kubernetes API (standard kubeconfig resolution), and checks, \
+                  then migrates, the cluster.\n\n\
                   Logs go to stderr; set RUST_LOG=debug for more.",
-    after_help = "Exit codes: 0 success (every node ready), 1 some node not ready or unreachable, 2 usage, inventory or TLS error.\n\n\
+    after_help = "Exit codes: 0 success, 1 not ready or not done (a node not ready or unreachable, a gate failed, a drain\n\
+                  blocked, a wait timed out, the lock held), 2 usage, inventory, TLS or kubeconfig error; each command's --help has its own.\n\n\
                   Getting started:\n  cnishift certs init --dir pki\n  cnishift certs issue --dir pki --coordinator\n  \
                   cnishift certs issue --dir pki --node opi01 --ip 10.1.0.11\n  cnishift preflight -i cluster.toml"
 )]
