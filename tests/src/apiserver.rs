@@ -1065,29 +1065,74 @@ fn node_table(nodes: &[&Value], rv: u64) -> Value {
     let rows: Vec<Value> = nodes
         .iter()
         .map(|n| {
-            let ready = n["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready")).map(|c| c["status"] == "True").unwrap_or(false);
-            let mut st = if ready { "Ready".to_string() } else { "NotReady".to_string() };
+            let ready = n["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                .map(|c| c["status"] == "True")
+                .unwrap_or(false);
+            let mut st = if ready {
+                "Ready".to_string()
+            } else {
+                "NotReady".to_string()
+            };
             if n["spec"]["unschedulable"] == json!(true) {
                 st.push_str(",SchedulingDisabled");
             }
             let mut roles: Vec<&str> = n["metadata"]["labels"]
                 .as_object()
-                .map(|l| l.keys().filter_map(|k| k.strip_prefix("node-role.kubernetes.io/")).collect())
+                .map(|l| {
+                    l.keys()
+                        .filter_map(|k| k.strip_prefix("node-role.kubernetes.io/"))
+                        .collect()
+                })
                 .unwrap_or_default();
             roles.sort();
-            let roles = if roles.is_empty() { "<none>".to_string() } else { roles.join(",") };
-            json!({
-                "cells": [n["metadata"]["name"], st, roles, age(n["metadata"]["creationTimestamp"].as_str().unwrap_or("")), n["status"]["nodeInfo"]["kubeletVersion"]],
-                "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": n["metadata"]},
-            })
+            let roles = if roles.is_empty() {
+                "<none>".to_string()
+            } else {
+                roles.join(",")
+            };
+            row(
+                json!([
+                    n["metadata"]["name"],
+                    st,
+                    roles,
+                    age(n["metadata"]["creationTimestamp"].as_str().unwrap_or("")),
+                    n["status"]["nodeInfo"]["kubeletVersion"]
+                ]),
+                n,
+            )
         })
         .collect();
-    let col = |name: &str, ty: &str, prio: u8| json!({"name": name, "type": ty, "format": if name == "Name" { "name" } else { "" }, "description": name, "priority": prio});
+    table(
+        &[
+            ("Name", "string", 0),
+            ("Status", "string", 0),
+            ("Roles", "string", 0),
+            ("Age", "string", 0),
+            ("Version", "string", 0),
+        ],
+        rows,
+        rv,
+    )
+}
+
+/// One row of a server-side Table: its cells and the object's metadata.
+fn row(cells: Value, obj: &Value) -> Value {
+    json!({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}})
+}
+
+/// A meta.k8s.io/v1 Table: columns as (name, type, priority; 1 = only with `-o wide`).
+fn table(columns: &[(&str, &str, u8)], rows: Vec<Value>, rv: u64) -> Value {
+    let columns: Vec<Value> = columns
+        .iter()
+        .map(|(name, ty, prio)| json!({"name": name, "type": ty, "format": if *name == "Name" { "name" } else { "" }, "description": name, "priority": prio}))
+        .collect();
     json!({
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": {"resourceVersion": rv.to_string()},
-        "columnDefinitions": [col("Name", "string", 0), col("Status", "string", 0), col("Roles", "string", 0), col("Age", "string", 0), col("Version", "string", 0)],
+        "columnDefinitions": columns,
         "rows": rows,
     })
 }
@@ -1099,21 +1144,33 @@ fn pod_table(pods: &[Value], rv: u64) -> Value {
         .map(|p| {
             let ready = usize::from(pod_ready(p));
             let containers = p["spec"]["containers"].as_array().map_or(1, Vec::len);
-            json!({
-                "cells": [p["metadata"]["name"], format!("{ready}/{containers}"), p["status"]["phase"], 0,
-                          age(p["metadata"]["creationTimestamp"].as_str().unwrap_or("")), p["status"]["podIP"].as_str().unwrap_or("<none>"), p["spec"]["nodeName"]],
-                "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": p["metadata"]},
-            })
+            row(
+                json!([
+                    p["metadata"]["name"],
+                    format!("{ready}/{containers}"),
+                    p["status"]["phase"],
+                    0,
+                    age(p["metadata"]["creationTimestamp"].as_str().unwrap_or("")),
+                    p["status"]["podIP"].as_str().unwrap_or("<none>"),
+                    p["spec"]["nodeName"]
+                ]),
+                p,
+            )
         })
         .collect();
-    let col = |name: &str, ty: &str, prio: u8| json!({"name": name, "type": ty, "format": if name == "Name" { "name" } else { "" }, "description": name, "priority": prio});
-    json!({
-        "kind": "Table",
-        "apiVersion": "meta.k8s.io/v1",
-        "metadata": {"resourceVersion": rv.to_string()},
-        "columnDefinitions": [col("Name", "string", 0), col("Ready", "string", 0), col("Status", "string", 0), col("Restarts", "integer", 0), col("Age", "string", 0), col("IP", "string", 1), col("Node", "string", 1)],
-        "rows": rows,
-    })
+    table(
+        &[
+            ("Name", "string", 0),
+            ("Ready", "string", 0),
+            ("Status", "string", 0),
+            ("Restarts", "integer", 0),
+            ("Age", "string", 0),
+            ("IP", "string", 1),
+            ("Node", "string", 1),
+        ],
+        rows,
+        rv,
+    )
 }
 
 fn is_watch(p: &ListParams) -> bool {

@@ -95,25 +95,8 @@ fn text(o: &Output) -> String {
 #[test]
 fn a_second_coordinator_is_refused_and_told_who_holds_the_lock() {
     let s = setup();
-    s.api
-        .add_deployment("shop", "db", json!({"app": "db"}), 1, &["raccoon00"]);
-    s.api
-        .add_pdb("shop", "db-pdb", json!({"app": "db"}), None, Some(0));
-    let first = s
-        .cmd(&["node", "drain", "raccoon00"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let first = blocked_drain(&s);
     let pid = first.id();
-    let started = Instant::now();
-    while s.api.lease("kube-system", "cnishift-migration").is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the first coordinator never took the lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let second = s.run(&["node", "cordon", "raccoon01"]);
     assert_eq!(second.status.code(), Some(1), "{}", text(&second));
     let err = String::from_utf8_lossy(&second.stderr);
