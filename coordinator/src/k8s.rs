@@ -3,7 +3,6 @@
 //! [`cnishift::kube`].
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use cnishift::inventory::{Inventory, Load};
 use cnishift::kube::drain::DrainEvent;
@@ -108,13 +107,44 @@ pub fn run_cluster(args: ClusterArgs) -> ExitCode {
     })
 }
 
+/// One `cnishift node` step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeStep {
+    Cordon,
+    Uncordon,
+    Drain,
+    WaitReady,
+    WaitCilium,
+}
+
+impl NodeStep {
+    /// As in the command line and the JSON output.
+    fn name(self) -> &'static str {
+        match self {
+            NodeStep::Cordon => "cordon",
+            NodeStep::Uncordon => "uncordon",
+            NodeStep::Drain => "drain",
+            NodeStep::WaitReady => "wait-ready",
+            NodeStep::WaitCilium => "wait-cilium",
+        }
+    }
+
+    /// Steps that change the cluster hold the migration lock; waits do not.
+    fn changes_cluster(self) -> bool {
+        matches!(
+            self,
+            NodeStep::Cordon | NodeStep::Uncordon | NodeStep::Drain
+        )
+    }
+}
+
 pub fn run_node(cmd: NodeCommand) -> ExitCode {
     let (args, step) = match cmd {
-        NodeCommand::Cordon(a) => (a, "cordon"),
-        NodeCommand::Uncordon(a) => (a, "uncordon"),
-        NodeCommand::Drain(a) => (a, "drain"),
-        NodeCommand::WaitReady(a) => (a, "wait-ready"),
-        NodeCommand::WaitCilium(a) => (a, "wait-cilium"),
+        NodeCommand::Cordon(a) => (a, NodeStep::Cordon),
+        NodeCommand::Uncordon(a) => (a, NodeStep::Uncordon),
+        NodeCommand::Drain(a) => (a, NodeStep::Drain),
+        NodeCommand::WaitReady(a) => (a, NodeStep::WaitReady),
+        NodeCommand::WaitCilium(a) => (a, NodeStep::WaitCilium),
     };
     let (inv, rt) = match setup(&args.inventory.path) {
         Ok(s) => s,
@@ -133,8 +163,7 @@ pub fn run_node(cmd: NodeCommand) -> ExitCode {
             Err(code) => return code,
         };
         let identity = lease::default_identity();
-        // Steps that change the cluster hold the migration lock; waits do not.
-        let guard = if matches!(step, "cordon" | "uncordon" | "drain") {
+        let guard = if step.changes_cluster() {
             let mut opts = LockOptions::new(identity.clone());
             opts.take_over_stale = args.take_over_stale_lock;
             opts.ttl = inv.deadlines.lock_ttl;
@@ -170,7 +199,7 @@ pub fn run_node(cmd: NodeCommand) -> ExitCode {
                 match args.output {
                     Output::Json => println!(
                         "{}",
-                        serde_json::json!({"node": args.node, "step": step, "ok": true, "result": summary})
+                        serde_json::json!({"node": args.node, "step": step.name(), "ok": true, "result": summary})
                     ),
                     Output::Table => println!("{}: {}", args.node, summary["message"].as_str().unwrap_or("done")),
                 }
@@ -180,7 +209,7 @@ pub fn run_node(cmd: NodeCommand) -> ExitCode {
                 match args.output {
                     Output::Json => println!(
                         "{}",
-                        serde_json::json!({"node": args.node, "step": step, "ok": false, "error": e.to_string()})
+                        serde_json::json!({"node": args.node, "step": step.name(), "ok": false, "error": e.to_string()})
                     ),
                     Output::Table => eprintln!("cnishift: {e}"),
                 }
@@ -218,16 +247,54 @@ async fn tell(
     .await;
 }
 
+/// Records a wait's outcome: `reasons.0` (Normal, `note`) or `reasons.1` (Warning, the error).
+async fn tell_result(
+    kube: &Kube,
+    node: &str,
+    identity: &str,
+    action: &str,
+    reasons: (&str, &str),
+    note: &str,
+    result: &Result<(), KubeError>,
+) {
+    match result {
+        Ok(()) => {
+            tell(
+                kube,
+                node,
+                identity,
+                reasons.0,
+                action,
+                note.to_string(),
+                Kind::Normal,
+            )
+            .await
+        }
+        Err(e) => {
+            tell(
+                kube,
+                node,
+                identity,
+                reasons.1,
+                action,
+                e.to_string(),
+                Kind::Warning,
+            )
+            .await
+        }
+    }
+}
+
 /// One step, with its Events on the node; Ok carries a JSON summary with a "message".
 async fn node_step(
     kube: &Kube,
     inv: &Inventory,
     node: &str,
-    step: &str,
+    step: NodeStep,
     identity: &str,
 ) -> Result<serde_json::Value, KubeError> {
     match step {
-        "cordon" => {
+        NodeStep::Cordon => {
             let c = kube.cordon(node).await?;
             let msg = if c.was_cordoned {
                 "cordoned (it already was before the migration; it will stay cordoned afterwards)"
@@ -250,7 +317,7 @@ async fn node_step(
                 serde_json::json!({"message": msg, "was_cordoned": c.was_cordoned, "changed": c.changed}),
             )
         }
-        "uncordon" => {
+        NodeStep::Uncordon => {
             let msg = match kube.uncordon(node).await? {
                 Uncordoned::Uncordoned => "uncordoned",
                 Uncordoned::LeftCordonedByAdmin => {
@@ -270,7 +337,7 @@ async fn node_step(
             .await;
             Ok(serde_json::json!({"message": msg}))
         }
-        "drain" => {
+        NodeStep::Drain => {
             let c = kube.cordon(node).await?;
             if c.changed {
                 tell(
@@ -294,22 +361,20 @@ async fn node_step(
                 Kind::Normal,
             )
             .await;
-            let seen_blocked = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-            let progress = {
-                let seen = seen_blocked.clone();
-                move |e: DrainEvent| match e {
-                    DrainEvent::Evicting(p) => eprintln!("  evicting {p}"),
-                    DrainEvent::Gone(p) => eprintln!("  gone     {p}"),
-                    DrainEvent::Blocked(b) => {
-                        if seen.lock().expect("set").insert(b.pod.clone()) {
-                            eprintln!(
-                                "  waiting  {} — PodDisruptionBudget {} says no: {} (asking again every {})",
-                                b.pod,
-                                b.pdb.as_deref().unwrap_or("?"),
-                                b.reason,
-                                humantime::format_duration(inv.drain.retry_interval)
-                            );
-                        }
+            // Each blocked pod is reported once, not at every retry.
+            let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+            let progress = |e: DrainEvent| match e {
+                DrainEvent::Evicting(p) => eprintln!("  evicting {p}"),
+                DrainEvent::Gone(p) => eprintln!("  gone     {p}"),
+                DrainEvent::Blocked(b) => {
+                    if seen.lock().expect("set").insert(b.pod.clone()) {
+                        eprintln!(
+                            "  waiting  {} — PodDisruptionBudget {} says no: {} (asking again every {})",
+                            b.pod,
+                            b.pdb.as_deref().unwrap_or("?"),
+                            b.reason,
+                            humantime::format_duration(inv.drain.retry_interval)
+                        );
                     }
                 }
             };
@@ -351,56 +416,23 @@ async fn node_step(
                 }
             }
         }
-        "wait-ready" | "wait-cilium" => {
-            let ns = &inv.cluster.cilium_namespace;
-            let (r, done, action, ok_note) = if step == "wait-ready" {
-                let r = kube.wait_node_ready(node, inv.deadlines.node_ready).await;
-                (
-                    r,
-                    "MigrationNodeReady",
-                    "WaitReady",
-                    "cnishift saw the node Ready".to_string(),
-                )
-            } else {
-                let r = kube
-                    .wait_cilium_ready(node, ns, inv.deadlines.cilium_ready)
-                    .await;
-                (
-                    r,
-                    "MigrationCiliumReady",
-                    "WaitCilium",
-                    format!("cnishift saw the Cilium agent ({ns}) Ready on the node"),
-                )
-            };
-            match &r {
-                Ok(()) => {
-                    tell(
-                        kube,
-                        node,
-                        identity,
-                        done,
-                        action,
-                        ok_note.clone(),
-                        Kind::Normal,
-                    )
-                    .await
-                }
-                Err(e) => {
-                    tell(
-                        kube,
-                        node,
-                        identity,
-                        &done.replace("Ready", "NotReady"),
-                        action,
-                        e.to_string(),
-                        Kind::Warning,
-                    )
-                    .await
-                }
-            }
-            r.map(|()| serde_json::json!({"message": ok_note}))
+        NodeStep::WaitReady => {
+            let r = kube.wait_node_ready(node, inv.deadlines.node_ready).await;
+            let note = "cnishift saw the node Ready".to_string();
+            let reasons = ("MigrationNodeReady", "MigrationNodeNotReady");
+            tell_result(kube, node, identity, "WaitReady", reasons, &note, &r).await;
+            r.map(|()| serde_json::json!({ "message": note }))
         }
-        other => unreachable!("unknown step {other}"),
+        NodeStep::WaitCilium => {
+            let ns = &inv.cluster.cilium_namespace;
+            let r = kube
+                .wait_cilium_ready(node, ns, inv.deadlines.cilium_ready)
+                .await;
+            let note = format!("cnishift saw the Cilium agent ({ns}) Ready on the node");
+            let reasons = ("MigrationCiliumReady", "MigrationCiliumNotReady");
+            tell_result(kube, node, identity, "WaitCilium", reasons, &note, &r).await;
+            r.map(|()| serde_json::json!({ "message": note }))
+        }
     }
 }
 

@@ -733,49 +733,54 @@ impl ApiServer {
             .route("/apis/policy/v1", get(policy_resources))
             .route("/apis/coordination.k8s.io/v1", get(coordination_resources))
             .route("/apis/events.k8s.io/v1", get(events_resources))
-            .route("/apis/apps/v1/daemonsets", get(list_all::<0>))
+            .route("/apis/apps/v1/daemonsets", get(list_all::<DAEMONSETS>))
             .route(
                 "/apis/apps/v1/namespaces/{ns}/daemonsets",
-                get(list_in::<0>),
+                get(list_in::<DAEMONSETS>),
             )
-            .route("/apis/apps/v1/deployments", get(list_all::<1>))
+            .route("/apis/apps/v1/deployments", get(list_all::<DEPLOYMENTS>))
             .route(
                 "/apis/apps/v1/namespaces/{ns}/deployments",
-                get(list_in::<1>),
+                get(list_in::<DEPLOYMENTS>),
             )
             .route(
                 "/apis/apps/v1/namespaces/{ns}/deployments/{name}",
-                get(get_in::<1>),
+                get(get_in::<DEPLOYMENTS>),
             )
-            .route("/apis/apps/v1/replicasets", get(list_all::<2>))
+            .route("/apis/apps/v1/replicasets", get(list_all::<REPLICASETS>))
             .route(
                 "/apis/apps/v1/namespaces/{ns}/replicasets",
-                get(list_in::<2>),
+                get(list_in::<REPLICASETS>),
             )
-            .route("/apis/coordination.k8s.io/v1/leases", get(list_all::<3>))
+            .route(
+                "/apis/coordination.k8s.io/v1/leases",
+                get(list_all::<LEASES>),
+            )
             .route(
                 "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
-                get(list_in::<3>).post(create_lease),
+                get(list_in::<LEASES>).post(create_lease),
             )
             .route(
                 "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
-                get(get_in::<3>).put(replace_lease).delete(delete_lease),
+                get(get_in::<LEASES>)
+                    .put(replace_lease)
+                    .delete(delete_lease),
             )
-            .route("/apis/events.k8s.io/v1/events", get(list_all::<4>))
+            .route("/apis/events.k8s.io/v1/events", get(list_all::<EVENTS>))
             .route(
                 "/apis/events.k8s.io/v1/namespaces/{ns}/events",
-                get(list_in::<4>).post(create_event),
+                get(list_in::<EVENTS>).post(create_event),
             )
             .route("/api/v1/events", get(list_core_events))
             .route("/api/v1/namespaces/{ns}/events", get(list_core_events_in))
-            .route("/api/v1/nodes", get(list_nodes))
+            .route("/api/v1/nodes", get(list_all::<NODES>))
             .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
-            .route("/api/v1/namespaces", get(list_namespaces))
-            .route("/api/v1/pods", get(list_all_pods))
-            .route("/api/v1/namespaces/{ns}/pods", get(list_ns_pods))
+            .route("/api/v1/namespaces", get(list_all::<NAMESPACES>))
+            .route("/api/v1/pods", get(list_all::<PODS>))
+            .route("/api/v1/namespaces/{ns}/pods", get(list_in::<PODS>))
             .route(
                 "/api/v1/namespaces/{ns}/pods/{name}",
-                get(get_pod).delete(delete_pod),
+                get(get_in::<PODS>).delete(delete_pod),
             )
             .route(
                 "/api/v1/namespaces/{ns}/pods/{name}/eviction",
@@ -783,20 +788,23 @@ impl ApiServer {
             )
             .route(
                 "/apis/apps/v1/namespaces/{ns}/daemonsets/{name}",
-                get(get_daemonset),
+                get(get_in::<DAEMONSETS>),
             )
             .route(
                 "/apis/apps/v1/namespaces/{ns}/replicasets/{name}",
-                get(get_replicaset),
+                get(get_in::<REPLICASETS>),
             )
-            .route("/apis/policy/v1/poddisruptionbudgets", get(list_pdbs))
+            .route(
+                "/apis/policy/v1/poddisruptionbudgets",
+                get(list_all::<PDBS>),
+            )
             .route(
                 "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
-                get(list_ns_pdbs),
+                get(list_in::<PDBS>),
             )
             .route(
                 "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{name}",
-                get(get_in::<5>),
+                get(get_in::<PDBS>),
             )
             .fallback(|| async {
                 status(
@@ -1181,7 +1189,6 @@ fn is_watch(p: &ListParams) -> bool {
 async fn list_or_watch(
     api: ApiServer,
     resource: &'static str,
-    kind: &str,
     ns: Option<String>,
     p: ListParams,
     headers: &HeaderMap,
@@ -1202,76 +1209,10 @@ async fn list_or_watch(
     if resource == "pods" && wants_table(headers) {
         return json_response(&pod_table(&items, store.rv));
     }
-    let api_version = type_of(resource).1;
+    let (kind, api_version) = type_of(resource);
     json_response(
         &json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
     )
-}
-
-async fn list_nodes(
-    State(api): State<ApiServer>,
-    Query(p): Query<ListParams>,
-    headers: HeaderMap,
-) -> Response {
-    list_or_watch(api, "nodes", "Node", None, p, &headers).await
-}
-
-async fn list_namespaces(
-    State(api): State<ApiServer>,
-    Query(p): Query<ListParams>,
-    headers: HeaderMap,
-) -> Response {
-    list_or_watch(api, "namespaces", "Namespace", None, p, &headers).await
-}
-
-async fn list_all_pods(
-    State(api): State<ApiServer>,
-    Query(p): Query<ListParams>,
-    headers: HeaderMap,
-) -> Response {
-    list_or_watch(api, "pods", "Pod", None, p, &headers).await
-}
-
-async fn list_ns_pods(
-    State(api): State<ApiServer>,
-    Path(ns): Path<String>,
-    Query(p): Query<ListParams>,
-    headers: HeaderMap,
-) -> Response {
-    list_or_watch(api, "pods", "Pod", Some(ns), p, &headers).await
-}
-
-async fn list_pdbs(
-    State(api): State<ApiServer>,
-    Query(p): Query<ListParams>,
-    headers: HeaderMap,
-) -> Response {
-    list_or_watch(
-        api,
-        "poddisruptionbudgets",
-        "PodDisruptionBudget",
-        None,
-        p,
-        &headers,
-    )
-    .await
-}
-
-async fn list_ns_pdbs(
-    State(api): State<ApiServer>,
-    Path(ns): Path<String>,
-    Query(p): Query<ListParams>,
-    headers: HeaderMap,
-) -> Response {
-    list_or_watch(
-        api,
-        "poddisruptionbudgets",
-        "PodDisruptionBudget",
-        Some(ns),
-        p,
-        &headers,
-    )
-    .await
 }
 
 async fn get_node(
@@ -1327,23 +1268,35 @@ fn with_ds_status(store: &Store, mut ds: Value) -> Value {
     ds
 }
 
-/// Resources served by the generic handlers, by index.
-const GENERIC: [(&str, &str); 6] = [
-    ("daemonsets", "DaemonSet"),
-    ("deployments", "Deployment"),
-    ("replicasets", "ReplicaSet"),
-    ("leases", "Lease"),
-    ("events", "Event"),
-    ("poddisruptionbudgets", "PodDisruptionBudget"),
+/// The resources served by the generic list/watch/get handlers, by index
+/// (their kinds and apiVersions come from [`type_of`]).
+const RESOURCES: [&str; 9] = [
+    "nodes",
+    "namespaces",
+    "pods",
+    "poddisruptionbudgets",
+    "daemonsets",
+    "deployments",
+    "replicasets",
+    "leases",
+    "events",
 ];
+const NODES: usize = 0;
+const NAMESPACES: usize = 1;
+const PODS: usize = 2;
+const PDBS: usize = 3;
+const DAEMONSETS: usize = 4;
+const DEPLOYMENTS: usize = 5;
+const REPLICASETS: usize = 6;
+const LEASES: usize = 7;
+const EVENTS: usize = 8;
 
 async fn list_all<const R: usize>(
     State(api): State<ApiServer>,
     Query(p): Query<ListParams>,
     headers: HeaderMap,
 ) -> Response {
-    let (resource, kind) = GENERIC[R];
-    list_or_watch(api, resource, kind, None, p, &headers).await
+    list_or_watch(api, RESOURCES[R], None, p, &headers).await
 }
 
 async fn list_in<const R: usize>(
@@ -1352,15 +1305,14 @@ async fn list_in<const R: usize>(
     Query(p): Query<ListParams>,
     headers: HeaderMap,
 ) -> Response {
-    let (resource, kind) = GENERIC[R];
-    list_or_watch(api, resource, kind, Some(ns), p, &headers).await
+    list_or_watch(api, RESOURCES[R], Some(ns), p, &headers).await
 }
 
 async fn get_in<const R: usize>(
     State(api): State<ApiServer>,
     Path((ns, name)): Path<(String, String)>,
 ) -> Response {
-    get_namespaced(&api, GENERIC[R].0, &ns, &name)
+    get_namespaced(&api, RESOURCES[R], &ns, &name)
 }
 
 fn bad_request(message: String) -> Response {
@@ -1609,27 +1561,6 @@ async fn list_core_events_in(
     Query(p): Query<ListParams>,
 ) -> Response {
     core_events(api, Some(ns), p).await
-}
-
-async fn get_pod(
-    State(api): State<ApiServer>,
-    Path((ns, name)): Path<(String, String)>,
-) -> Response {
-    get_namespaced(&api, "pods", &ns, &name)
-}
-
-async fn get_daemonset(
-    State(api): State<ApiServer>,
-    Path((ns, name)): Path<(String, String)>,
-) -> Response {
-    get_namespaced(&api, "daemonsets", &ns, &name)
-}
-
-async fn get_replicaset(
-    State(api): State<ApiServer>,
-    Path((ns, name)): Path<(String, String)>,
-) -> Response {
-    get_namespaced(&api, "replicasets", &ns, &name)
 }
 
 /// Deletes a pod and, for a ReplicaSet's pod, starts its replacement (not yet

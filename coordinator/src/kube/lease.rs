@@ -108,6 +108,11 @@ fn info(lease: &Lease, id: &str) -> LeaseInfo {
     }
 }
 
+/// The identity a Lease names as its holder.
+fn holder_of(lease: &Lease) -> Option<&str> {
+    lease.spec.as_ref()?.holder_identity.as_deref()
+}
+
 fn ago(renewed: &Option<String>) -> String {
     renewed
         .as_deref()
@@ -308,19 +313,14 @@ async fn renew(kube: Kube, opts: LockOptions, mut lease: Lease, state: Arc<Mutex
                 .call(format!("get Lease {id}"), api.get_opt(&opts.name))
                 .await
             {
-                Ok(Some(l))
-                    if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
-                        == Some(opts.holder.as_str()) =>
-                {
+                Ok(Some(l)) if holder_of(&l) == Some(opts.holder.as_str()) => {
                     state.lock().expect("lock state").rv = l.metadata.resource_version.clone();
                     lease = l;
                     None
                 }
                 Ok(Some(l)) => Some(format!(
                     "it now names {}",
-                    l.spec
-                        .and_then(|s| s.holder_identity)
-                        .unwrap_or_else(|| "nobody".into())
+                    holder_of(&l).unwrap_or("nobody")
                 )),
                 Ok(None) => Some("it was deleted".into()),
                 Err(e) => Some(format!("after a 409, reading it failed: {e}")),
@@ -377,7 +377,34 @@ impl LockGuard {
             return Ok(());
         }
         let rv = self.state.lock().expect("lock state").rv.clone();
-        let id = format!("{}/{}", self.opts.namespace, self.opts.name);
+        match self.delete_at(rv).await {
+            Err(e) if e.code() == Some(409) => {
+                // Our own renewal may have landed just before it was stopped:
+                // delete only if the Lease still names us.
+                let id = format!("{}/{}", self.opts.namespace, self.opts.name);
+                let api = self.kube.leases(&self.opts.namespace);
+                let current = self
+                    .kube
+                    .call(format!("get Lease {id}"), api.get_opt(&self.opts.name))
+                    .await?;
+                match current {
+                    None => Ok(()),
+                    Some(l) if holder_of(&l) == Some(self.opts.holder.as_str()) => {
+                        self.delete_at(l.metadata.resource_version.clone()).await
+                    }
+                    Some(_) => Err(LockError::Lost {
+                        lease: id,
+                        why: "another coordinator wrote it before we released it".into(),
+                    }
+                    .into()),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Deletes the Lease if it is still at resourceVersion `rv` (gone already is fine).
+    async fn delete_at(&self, rv: Option<String>) -> Result<(), KubeError> {
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
                 resource_version: rv,
@@ -385,6 +412,7 @@ impl LockGuard {
             }),
             ..DeleteParams::default()
         };
+        let id = format!("{}/{}", self.opts.namespace, self.opts.name);
         match self
             .kube
             .call(
@@ -397,42 +425,6 @@ impl LockGuard {
         {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some(404) => Ok(()),
-            Err(e) if e.code() == Some(409) => {
-                // Our own renewal may have landed just before it was stopped:
-                // delete only if the Lease still names us.
-                let api = self.kube.leases(&self.opts.namespace);
-                let current = self
-                    .kube
-                    .call(format!("get Lease {id}"), api.get_opt(&self.opts.name))
-                    .await?;
-                match current {
-                    None => Ok(()),
-                    Some(l)
-                        if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
-                            == Some(self.opts.holder.as_str()) =>
-                    {
-                        let dp = DeleteParams {
-                            preconditions: Some(Preconditions {
-                                resource_version: l.metadata.resource_version.clone(),
-                                uid: None,
-                            }),
-                            ..DeleteParams::default()
-                        };
-                        self.kube
-                            .call(
-                                format!("delete Lease {id}"),
-                                api.delete(&self.opts.name, &dp),
-                            )
-                            .await
-                            .map(|_| ())
-                    }
-                    Some(_) => Err(LockError::Lost {
-                        lease: id,
-                        why: "another coordinator wrote it before we released it".into(),
-                    }
-                    .into()),
-                }
-            }
             Err(e) => Err(e),
         }
     }

@@ -126,12 +126,11 @@ impl Kube {
                 ))
             })?,
         };
-        config.default_retry = false;
         config.connect_timeout = Some(opts.api_timeout.min(Duration::from_secs(10)));
         Self::from_config(config, opts.api_timeout)
     }
 
-    /// A client for `config` as given (tests point it at the simulator).
+    /// A client for `config` (kube's retry layer always off, see the module doc).
     pub fn from_config(mut config: Config, api_timeout: Duration) -> Result<Kube, KubeError> {
         config.default_retry = false;
         let client =

@@ -38,7 +38,8 @@ pub enum Uncordoned {
     NotOurs,
 }
 
-fn is_ready(node: &Node) -> Result<(), String> {
+/// Whether a node is Ready, with the reason when it is not.
+pub fn node_ready(node: &Node) -> Result<(), String> {
     let name = node.metadata.name.as_deref().unwrap_or("?");
     let cond = node
         .status
@@ -179,15 +180,10 @@ impl Kube {
             &format!("wait for node {node} to be Ready"),
             deadline,
             |nodes| match nodes.values().next() {
-                Some(n) => is_ready(n),
+                Some(n) => node_ready(n),
                 None => Err(format!("node {node} does not exist")),
             },
         )
         .await
     }
-}
-
-/// Whether a node is Ready, with the reason when it is not.
-pub fn node_ready(node: &Node) -> Result<(), String> {
-    is_ready(node)
 }
