@@ -1004,13 +1004,13 @@ fn cilium(f: &Facts, expect: Expect, out: &mut Vec<Check>) {
             };
             match c.state.as_str() {
                 "Ok" if cluster.is_empty() => pass("cilium.health", msg("Ok")),
-                "Ok" => check("cilium.health", Verdict::Warn, msg("Ok"), None),
+                "Ok" => check("cilium.health", Verdict::Warn, msg("Ok"), Some("cilium-health status on this node shows which peers it cannot reach".into())),
                 "Failure" => check("cilium.health", Verdict::Fail, msg("Failure"), Some("look at the cilium pod on this node: kubectl -n kube-system logs ds/cilium".into())),
-                other => check("cilium.health", Verdict::Warn, msg(other), None),
+                other => check("cilium.health", Verdict::Warn, msg(other), Some("cilium status --verbose on this node says which subsystem is degraded".into())),
             }
         }
         (None, None) if !h.present && after => check("cilium.health", Verdict::Fail, format!("Cilium's API socket {sock} does not exist: the Cilium agent does not run on this node"), Some("wait for the cilium pod on this node, or look at why it is not scheduled".into())),
-        (None, None) => check("cilium.health", Verdict::Warn, format!("Cilium does not run here yet (no {sock})"), None),
+        (None, None) => check("cilium.health", Verdict::Warn, format!("Cilium does not run here yet (no {sock})"), Some("nothing to do before the migration: the Cilium agent starts on this node once it is switched".into())),
     });
     if !after {
         return;
