@@ -6,4 +6,5 @@ pub mod agents;
 pub mod certs;
 pub mod inventory;
 pub mod kube;
+pub mod migrate;
 pub mod render;

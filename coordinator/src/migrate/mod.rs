@@ -1,0 +1,6 @@
+//! The migration: the order of the nodes ([`plan`]-to-come), one function per
+//! step ([`steps`]), and the driver that walks them.
+//!
+//! `cnishift node …` and `cnishift migrate` call the same step functions.
+
+pub mod steps;
