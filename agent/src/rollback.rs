@@ -300,17 +300,27 @@ impl Config {
         self.state_dir.join(STATE_FILE)
     }
 
+    /// The boot id: under the host root when it has one (a lab node's or a
+    /// test's own), else the kernel's own — the clock is the live kernel's,
+    /// like the live probes.
     fn boot_id(&self) -> Result<String, String> {
-        self.host
-            .read_trimmed(BOOT_ID)
-            .map_err(|e| format!("cannot read the boot id: {e}"))
-            .and_then(|b| {
-                if b.is_empty() {
-                    Err(format!("/{BOOT_ID} is empty"))
-                } else {
-                    Ok(b)
-                }
-            })
+        let read = |h: &HostPaths| {
+            h.read_trimmed(BOOT_ID)
+                .map_err(|e| format!("cannot read the boot id: {e}"))
+                .and_then(|b| {
+                    if b.is_empty() {
+                        Err(format!("/{BOOT_ID} is empty"))
+                    } else {
+                        Ok(b)
+                    }
+                })
+        };
+        match read(&self.host) {
+            Err(_) if !self.host.is_system_root() && !self.host.exists(BOOT_ID) => {
+                read(&HostPaths::system())
+            }
+            r => r,
+        }
     }
 
     /// What the rollback would run, resolved now.
