@@ -121,9 +121,15 @@ fn the_release_binary_ignores_the_crash_hook() {
     let mut shipped = Command::new(&runner);
     shipped.arg(&release);
     let (out, state) = apply_with_crash_hook(shipped);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{release} obeyed the crash hook ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(out.status.code(), Some(0), "{r:#}");
     let outcomes = r["outcomes"].as_array().unwrap();
     assert!(outcomes.len() >= 3, "{r:#}");
     assert!(outcomes.iter().all(|o| o["ok"] == true), "{r:#}");
