@@ -27,7 +27,13 @@ fn main() {
         pki.dir.path(),
         "raccoon00",
         "raccoon00",
-        &["--host-root", &root_arg, "--no-live-probes", "--rollback-command", "true"],
+        &[
+            "--host-root",
+            &root_arg,
+            "--no-live-probes",
+            "--rollback-command",
+            "true",
+        ],
     )
     .expect("agent");
     let tls = ClientTls::load(&Tls {
@@ -54,17 +60,38 @@ fn main() {
             agents::arm_rollback(&node, &tls, &d, &run, Duration::from_secs(600))
                 .await
                 .expect("arm");
-            let s = agents::confirm(&node, &tls, &d, &run).await.expect("confirm");
+            let s = agents::confirm(&node, &tls, &d, &run)
+                .await
+                .expect("confirm");
             assert_eq!(s.outcome, "confirmed");
         });
         times.push(t.elapsed());
     }
+    // The same two fresh connections with read-only calls: what the arm and
+    // confirm cost beyond TLS and gRPC is the state written (fsync'd) twice.
+    let mut reads = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        rt.block_on(async {
+            agents::arm_state(&node, &tls, &d).await.expect("state");
+            agents::arm_state(&node, &tls, &d).await.expect("state");
+        });
+        reads.push(t.elapsed());
+    }
+    reads.sort();
+    let read_median = reads[reads.len() / 2];
     times.sort();
     let median = times[times.len() / 2];
     let p90 = times[times.len() * 9 / 10];
     // Armed and idle: arm once more, wait, read RSS.
-    rt.block_on(agents::arm_rollback(&node, &tls, &d, "idle", Duration::from_secs(600)))
-        .expect("arm");
+    rt.block_on(agents::arm_rollback(
+        &node,
+        &tls,
+        &d,
+        "idle",
+        Duration::from_secs(600),
+    ))
+    .expect("arm");
     std::thread::sleep(Duration::from_secs(2));
     let (peak, rss) = agent.rss_kib().expect("rss");
     println!(
@@ -73,6 +100,11 @@ fn main() {
         p90.as_secs_f64() * 1e3,
         BUDGET_ARM_CONFIRM.as_millis(),
         median.as_secs_f64() / BUDGET_ARM_CONFIRM.as_secs_f64()
+    );
+    println!(
+        "two GetArmState calls (2 fresh connections, nothing written): median {:.2} ms → arm + confirm is {:.2}× that",
+        read_median.as_secs_f64() * 1e3,
+        median.as_secs_f64() / read_median.as_secs_f64()
     );
     println!(
         "armed idle agent: RSS {rss} KiB (peak {peak} KiB); budget {} KiB → {:.2}×",
