@@ -49,10 +49,19 @@ fn cleanup_goes_node_by_node_and_halts_at_the_first_refusal() {
         "a dry run changes nothing"
     );
 
-    // Cilium has taken over raccoon00: its config now wins in /etc/cni/net.d.
+    // Cilium has taken over raccoon00: its k3s restarted without Flannel
+    // (the containerd config k3s generates now names /etc/cni/net.d) and
+    // Cilium's config is there.
     std::fs::write(
         host("raccoon00", "etc/cni/net.d/05-cilium.conflist"),
         r#"{"name":"cilium","plugins":[{"type":"cilium-cni"}]}"#,
+    )
+    .unwrap();
+    let containerd = host("raccoon00", "var/lib/rancher/k3s/agent/etc/containerd/config.toml");
+    std::fs::create_dir_all(containerd.parent().unwrap()).unwrap();
+    std::fs::write(
+        &containerd,
+        "version = 3\n[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dir = \"/opt/cni/bin\"\n  conf_dir = \"/etc/cni/net.d\"\n",
     )
     .unwrap();
     let (code, text) = run(&lab, &["raccoon00", "--apply"]);
