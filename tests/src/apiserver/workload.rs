@@ -1,0 +1,283 @@
+//! The lab's hands on the cluster: nodes, workloads (the seed cluster's
+//! homelab among them), readiness, Leases and Events, as controllers and
+//! kubelets would write them.
+
+use super::*;
+
+impl ApiServer {
+    /// Adds a node (as k3s does when its agent registers).
+    pub fn add_node(&self, name: &str, controller: bool, ready: bool) {
+        let mut store = self.store.lock().expect("store");
+        self.commit(
+            &mut store,
+            "ADDED",
+            "nodes",
+            node_object(name, controller, ready),
+        );
+        // The kubelet's heartbeat Lease, which `kubectl describe node` shows.
+        self.ensure_namespace(&mut store, "kube-node-lease");
+        let lease = json!({"kind": "Lease", "apiVersion": "coordination.k8s.io/v1",
+            "metadata": {"name": name, "namespace": "kube-node-lease", "uid": uid(&format!("lease/node/{name}")), "creationTimestamp": now_rfc3339()},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now_rfc3339().replace('Z', ".000000Z")}});
+        self.commit(&mut store, "ADDED", "leases", lease);
+    }
+
+    /// The lab's hand on the kubelet: flips the node's Ready condition.
+    pub fn set_node_ready(&self, name: &str, ready: bool) -> bool {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut node) = store.get("nodes", "", name).cloned() else {
+            return false;
+        };
+        node["status"]["conditions"] = json!([ready_condition(ready)]);
+        self.commit(&mut store, "MODIFIED", "nodes", node);
+        true
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.store
+            .lock()
+            .expect("store")
+            .get("nodes", "", name)
+            .cloned()
+    }
+
+    /// A ReplicaSet (what a Deployment's pods are owned by).
+    pub fn add_replicaset(&self, ns: &str, name: &str, labels: Value) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, ns);
+        let obj = json!({"kind": "ReplicaSet", "apiVersion": "apps/v1", "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("rs/{ns}/{name}")), "creationTimestamp": now_rfc3339(), "labels": labels},
+                         "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}}}});
+        self.commit(&mut store, "ADDED", "replicasets", obj);
+    }
+
+    pub fn add_daemonset(&self, ns: &str, name: &str, labels: Value) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, ns);
+        let obj = json!({"kind": "DaemonSet", "apiVersion": "apps/v1", "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("ds/{ns}/{name}")), "creationTimestamp": now_rfc3339(), "labels": labels},
+                         "spec": {"selector": {"matchLabels": labels}}});
+        self.commit(&mut store, "ADDED", "daemonsets", obj);
+    }
+
+    /// A PodDisruptionBudget with `minAvailable` or `maxUnavailable` (ints).
+    pub fn add_pdb(
+        &self,
+        ns: &str,
+        name: &str,
+        selector: Value,
+        min_available: Option<i64>,
+        max_unavailable: Option<i64>,
+    ) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, ns);
+        let mut spec = json!({"selector": {"matchLabels": selector}});
+        if let Some(m) = min_available {
+            spec["minAvailable"] = json!(m);
+        }
+        if let Some(m) = max_unavailable {
+            spec["maxUnavailable"] = json!(m);
+        }
+        let obj = json!({"kind": "PodDisruptionBudget", "apiVersion": "policy/v1", "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("pdb/{ns}/{name}")), "creationTimestamp": now_rfc3339()}, "spec": spec});
+        self.commit(&mut store, "ADDED", "poddisruptionbudgets", obj);
+    }
+
+    /// Adds a running pod (and its namespace if new).
+    pub fn add_pod(&self, pod: Pod) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, pod.ns);
+        self.commit(&mut store, "ADDED", "pods", pod_object(&pod));
+    }
+
+    pub fn set_pod_ready(&self, ns: &str, name: &str, ready: bool) -> bool {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut pod) = store.get("pods", ns, name).cloned() else {
+            return false;
+        };
+        pod["status"]["conditions"] =
+            json!([{"type": "Ready", "status": if ready { "True" } else { "False" }}]);
+        self.commit(&mut store, "MODIFIED", "pods", pod);
+        true
+    }
+
+    pub fn pods_on(&self, node: &str) -> Vec<Value> {
+        let store = self.store.lock().expect("store");
+        store
+            .list("pods", None)
+            .into_iter()
+            .filter(|p| p["spec"]["nodeName"] == node)
+            .cloned()
+            .collect()
+    }
+
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Value> {
+        self.store
+            .lock()
+            .expect("store")
+            .get("pods", ns, name)
+            .cloned()
+    }
+
+    /// A Deployment with its ReplicaSet and `replicas` Ready pods spread over
+    /// `nodes` in turn; returns the pod names.
+    pub fn add_deployment(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: Value,
+        replicas: usize,
+        nodes: &[&str],
+    ) -> Vec<String> {
+        let rs = format!("{name}-{}", suffix(&format!("tpl/{ns}/{name}"), 10));
+        {
+            let mut store = self.store.lock().expect("store");
+            self.ensure_namespace(&mut store, ns);
+            let obj = json!({"kind": "Deployment", "apiVersion": "apps/v1",
+                "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("deploy/{ns}/{name}")), "creationTimestamp": now_rfc3339(), "labels": labels, "generation": 1},
+                "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}}},
+                "status": {"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas, "observedGeneration": 1}});
+            self.commit(&mut store, "ADDED", "deployments", obj);
+        }
+        self.add_replicaset(ns, &rs, labels.clone());
+        {
+            let mut store = self.store.lock().expect("store");
+            if let Some(mut r) = store.get("replicasets", ns, &rs).cloned() {
+                r["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid(&format!("deploy/{ns}/{name}")), "controller": true, "blockOwnerDeletion": true}]);
+                r["spec"]["replicas"] = json!(replicas);
+                self.commit(&mut store, "MODIFIED", "replicasets", r);
+            }
+        }
+        // Spread each Deployment from a different node, as the scheduler would.
+        let offset = self.store.lock().expect("store").list("pods", None).len();
+        (0..replicas)
+            .map(|i| {
+                let pod = format!("{rs}-{}", suffix(&format!("pod/{ns}/{rs}/{i}"), 5));
+                self.add_pod(Pod {
+                    ns,
+                    name: &pod,
+                    node: nodes[(i + offset) % nodes.len().max(1)],
+                    owner: Owner::ReplicaSet(&rs),
+                    labels: labels.clone(),
+                    ready: true,
+                    empty_dir: false,
+                });
+                pod
+            })
+            .collect()
+    }
+
+    /// The seed cluster's workload before the migration, spread over `nodes`:
+    /// Longhorn and node-exporter DaemonSets, CoreDNS, Traefik, ArgoCD, the
+    /// Longhorn UI and a web app as Deployments, three of them behind PDBs.
+    pub fn add_homelab_workload(&self, nodes: &[&str]) {
+        let l = |app: &str| json!({ "app.kubernetes.io/name": app });
+        self.add_daemonset_with_pods(
+            "longhorn-system",
+            "longhorn-manager",
+            l("longhorn-manager"),
+            nodes,
+            true,
+        );
+        self.add_daemonset_with_pods(
+            "monitoring",
+            "node-exporter",
+            l("node-exporter"),
+            nodes,
+            true,
+        );
+        for (ns, name, replicas) in [
+            ("kube-system", "coredns", 1),
+            ("kube-system", "traefik", 1),
+            ("kube-system", "metrics-server", 1),
+            ("argocd", "argocd-server", 2),
+            ("argocd", "argocd-repo-server", 2),
+            ("longhorn-system", "longhorn-ui", 2),
+            ("default", "web", 3),
+        ] {
+            self.add_deployment(ns, name, l(name), replicas, nodes);
+        }
+        self.add_pdb("argocd", "argocd-server", l("argocd-server"), Some(1), None);
+        self.add_pdb(
+            "argocd",
+            "argocd-repo-server",
+            l("argocd-repo-server"),
+            None,
+            Some(1),
+        );
+        self.add_pdb("default", "web", l("web"), None, Some(1));
+    }
+
+    /// A DaemonSet and one Ready (or not) pod of it on each of `nodes`.
+    pub fn add_daemonset_with_pods(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: Value,
+        nodes: &[&str],
+        ready: bool,
+    ) {
+        self.add_daemonset(ns, name, labels.clone());
+        for node in nodes {
+            self.add_pod(Pod {
+                ns,
+                name: &format!("{name}-{}", suffix(&format!("ds/{ns}/{name}/{node}"), 5)),
+                node,
+                owner: Owner::DaemonSet(name),
+                labels: labels.clone(),
+                ready,
+                empty_dir: false,
+            });
+        }
+    }
+
+    /// The pod of DaemonSet `ds` on `node`, if there is one.
+    pub fn daemon_pod_on(&self, ns: &str, ds: &str, node: &str) -> Option<String> {
+        self.pods_on(node)
+            .into_iter()
+            .find(|p| {
+                p["metadata"]["namespace"] == ns
+                    && p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
+                    && p["metadata"]["ownerReferences"][0]["name"] == ds
+            })
+            .and_then(|p| p["metadata"]["name"].as_str().map(String::from))
+    }
+
+    /// Sets a pod's phase (e.g. "Succeeded", "Pending").
+    pub fn set_pod_phase(&self, ns: &str, name: &str, phase: &str) -> bool {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut pod) = store.get("pods", ns, name).cloned() else {
+            return false;
+        };
+        pod["status"]["phase"] = json!(phase);
+        self.commit(&mut store, "MODIFIED", "pods", pod);
+        true
+    }
+
+    /// A Lease as stored now.
+    pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
+        self.store
+            .lock()
+            .expect("store")
+            .get("leases", ns, name)
+            .cloned()
+    }
+
+    /// Stores a Lease as another holder would have written it.
+    pub fn put_lease(&self, ns: &str, name: &str, spec: Value) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, ns);
+        let obj = json!({"kind": "Lease", "apiVersion": "coordination.k8s.io/v1",
+            "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("lease/{ns}/{name}")), "creationTimestamp": now_rfc3339()},
+            "spec": spec});
+        self.commit(&mut store, "ADDED", "leases", obj);
+    }
+
+    /// Every Event (events.k8s.io/v1 form) about `kind`/`name`, oldest first.
+    pub fn events_about(&self, kind: &str, name: &str) -> Vec<Value> {
+        let store = self.store.lock().expect("store");
+        store
+            .list("events", None)
+            .into_iter()
+            .filter(|e| e["regarding"]["kind"] == kind && e["regarding"]["name"] == name)
+            .cloned()
+            .collect()
+    }
+}
