@@ -56,6 +56,7 @@ use read::*;
 use store::*;
 use tables::*;
 use watch::*;
+pub use workload::LabNode;
 use write::*;
 
 /// The server's state; cheap to clone (shared).

@@ -175,7 +175,16 @@ pub(crate) fn with_ds_status(store: &Store, mut ds: Value) -> Value {
                 })
         })
         .collect();
-    let desired = store.list("nodes", None).len();
+    let selector = &ds["spec"]["template"]["spec"]["nodeSelector"];
+    let desired = store
+        .list("nodes", None)
+        .into_iter()
+        .filter(|n| {
+            selector
+                .as_object()
+                .is_none_or(|m| m.iter().all(|(k, v)| &n["metadata"]["labels"][k] == v))
+        })
+        .count();
     let ready = pods.iter().filter(|p| pod_ready(p)).count();
     ds["status"] = json!({"desiredNumberScheduled": desired, "currentNumberScheduled": pods.len(), "numberReady": ready,
                           "numberAvailable": ready, "updatedNumberScheduled": pods.len(), "numberMisscheduled": 0, "observedGeneration": 1});

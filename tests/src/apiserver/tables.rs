@@ -103,8 +103,13 @@ pub(crate) fn pod_table(pods: &[Value], rv: u64) -> Value {
                 json!([
                     p["metadata"]["name"],
                     format!("{ready}/{containers}"),
-                    p["status"]["phase"],
-                    0,
+                    p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                        .as_str()
+                        .map_or(p["status"]["phase"].clone(), |r| json!(r)),
+                    p["status"]["containerStatuses"].as_array().map_or(0, |c| c
+                        .iter()
+                        .filter_map(|c| c["restartCount"].as_i64())
+                        .sum::<i64>()),
                     age(p["metadata"]["creationTimestamp"].as_str().unwrap_or("")),
                     p["status"]["podIP"].as_str().unwrap_or("<none>"),
                     p["spec"]["nodeName"]

@@ -281,3 +281,226 @@ impl ApiServer {
             .collect()
     }
 }
+
+/// A node of `cnishift-lab up` as its k3s registers it.
+pub struct LabNode<'a> {
+    pub name: &'a str,
+    pub controller: bool,
+    /// `spec.podCIDR`, inside the inventory's pod CIDR.
+    pub pod_cidr: &'a str,
+    /// The InternalIP: the node's lab address.
+    pub address: std::net::Ipv4Addr,
+    pub kernel: &'a str,
+}
+
+impl ApiServer {
+    /// Registers a lab node (Ready, with its podCIDR and InternalIP) and its heartbeat Lease.
+    pub fn add_lab_node(&self, n: &LabNode) {
+        self.add_node(n.name, n.controller, true);
+        let mut store = self.store.lock().expect("store");
+        let Some(mut node) = store.get("nodes", "", n.name).cloned() else {
+            return;
+        };
+        node["spec"]["podCIDR"] = json!(n.pod_cidr);
+        node["spec"]["podCIDRs"] = json!([n.pod_cidr]);
+        node["status"]["addresses"] = json!([{"type": "InternalIP", "address": n.address.to_string()}, {"type": "Hostname", "address": n.name}]);
+        node["status"]["nodeInfo"]["kernelVersion"] = json!(n.kernel);
+        self.commit(&mut store, "MODIFIED", "nodes", node);
+    }
+
+    /// The kubelet's Ready condition with its reason and message; nothing is
+    /// written when it already says so (a real kubelet only heartbeats).
+    pub fn set_node_condition(&self, name: &str, ready: bool, reason: &str, message: &str) {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut node) = store.get("nodes", "", name).cloned() else {
+            return;
+        };
+        let cond = &node["status"]["conditions"][0];
+        let want = if ready { "True" } else { "False" };
+        if cond["status"] == want && cond["reason"] == reason && cond["message"] == message {
+            return;
+        }
+        let mut c = ready_condition(ready);
+        c["reason"] = json!(reason);
+        c["message"] = json!(message);
+        node["status"]["conditions"] = json!([c]);
+        self.commit(&mut store, "MODIFIED", "nodes", node);
+    }
+
+    /// The kubelet renews its node Lease.
+    pub fn renew_node_lease(&self, name: &str) {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut lease) = store.get("leases", "kube-node-lease", name).cloned() else {
+            return;
+        };
+        lease["spec"]["renewTime"] = json!(now_rfc3339().replace('Z', ".000000Z"));
+        self.commit(&mut store, "MODIFIED", "leases", lease);
+    }
+
+    /// Every object of `resource` ("nodes", "pods", "daemonsets", ...) as stored now.
+    pub fn list(&self, resource: &str) -> Vec<Value> {
+        let store = self.store.lock().expect("store");
+        store.list(resource, None).into_iter().cloned().collect()
+    }
+
+    /// A DaemonSet whose pods go only to nodes matching `node_selector`
+    /// (`spec.template.spec.nodeSelector`); the lab's DaemonSet controller
+    /// places them.
+    pub fn add_daemonset_selecting(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: Value,
+        node_selector: Value,
+    ) {
+        let mut store = self.store.lock().expect("store");
+        self.ensure_namespace(&mut store, ns);
+        let obj = json!({"kind": "DaemonSet", "apiVersion": "apps/v1", "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("ds/{ns}/{name}")), "creationTimestamp": now_rfc3339(), "labels": labels, "generation": 1},
+                         "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {"nodeSelector": node_selector}}}});
+        self.commit(&mut store, "ADDED", "daemonsets", obj);
+    }
+
+    /// Records a container restart of a pod (CrashLoopBackOff, not Ready), as the kubelet does.
+    pub fn crashloop_pod(&self, ns: &str, name: &str) {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut pod) = store.get("pods", ns, name).cloned() else {
+            return;
+        };
+        let restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+            .as_i64()
+            .unwrap_or(0)
+            + 1;
+        pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+        pod["status"]["containerStatuses"] = json!([{"name": "main", "ready": false, "restartCount": restarts,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}}}]);
+        self.commit(&mut store, "MODIFIED", "pods", pod);
+    }
+
+    /// Clears a pod's container restarts state (it runs again).
+    pub fn clear_pod_waiting(&self, ns: &str, name: &str) {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut pod) = store.get("pods", ns, name).cloned() else {
+            return;
+        };
+        if pod["status"].get("containerStatuses").is_none() {
+            return;
+        }
+        let restarts = pod["status"]["containerStatuses"][0]["restartCount"].clone();
+        pod["status"]["containerStatuses"] = json!([{"name": "main", "ready": false, "restartCount": restarts, "state": {"running": {}}}]);
+        self.commit(&mut store, "MODIFIED", "pods", pod);
+    }
+
+    /// The seed cluster's workload, shaped like the homelab the runbook
+    /// migrates: Deployments behind PodDisruptionBudgets (argocd-server,
+    /// ingress-nginx, vaultwarden with `minAvailable: 1`, longhorn-ui),
+    /// DaemonSets (longhorn-manager everywhere, kube-vip on controllers), and
+    /// the Cilium DaemonSet (`k8s-app=cilium` in `cilium_ns`, limited to
+    /// `cilium_selector`) whose pods the lab places itself.
+    pub fn add_seed_workload(
+        &self,
+        nodes: &[(&str, bool)],
+        cilium_ns: &str,
+        cilium_selector: Value,
+    ) {
+        let all: Vec<&str> = nodes.iter().map(|(n, _)| *n).collect();
+        let controllers: Vec<&str> = nodes.iter().filter(|(_, c)| *c).map(|(n, _)| *n).collect();
+        let workers: Vec<&str> = nodes.iter().filter(|(_, c)| !*c).map(|(n, _)| *n).collect();
+        let spread = if workers.is_empty() { &all } else { &workers };
+        let l = |app: &str| json!({ "app.kubernetes.io/name": app });
+        self.add_daemonset_selecting(
+            "longhorn-system",
+            "longhorn-manager",
+            l("longhorn-manager"),
+            json!({"kubernetes.io/os": "linux"}),
+        );
+        self.add_daemonset_selecting(
+            "kube-system",
+            "kube-vip",
+            l("kube-vip"),
+            json!({"node-role.kubernetes.io/control-plane": "true"}),
+        );
+        self.add_daemonset_selecting(
+            cilium_ns,
+            crate::supervisor::CILIUM_DS,
+            json!({"k8s-app": "cilium"}),
+            cilium_selector,
+        );
+        for (ns, name, replicas) in [
+            ("kube-system", "coredns", 1),
+            ("argocd", "argocd-server", 2),
+            ("ingress-nginx", "ingress-nginx-controller", 2),
+            ("vaultwarden", "vaultwarden", 2),
+            ("longhorn-system", "longhorn-ui", 2),
+        ] {
+            self.add_deployment(ns, name, l(name), replicas, spread);
+        }
+        self.add_pdb("argocd", "argocd-server", l("argocd-server"), Some(1), None);
+        self.add_pdb(
+            "ingress-nginx",
+            "ingress-nginx-controller",
+            l("ingress-nginx-controller"),
+            Some(1),
+            None,
+        );
+        self.add_pdb(
+            "vaultwarden",
+            "vaultwarden",
+            l("vaultwarden"),
+            Some(1),
+            None,
+        );
+        self.add_pdb(
+            "longhorn-system",
+            "longhorn-ui",
+            l("longhorn-ui"),
+            None,
+            Some(1),
+        );
+        let _ = controllers;
+    }
+
+    /// Creates the pod DaemonSet `ds` (in `ns`) wants on `node`, as its controller would.
+    pub fn add_daemon_pod(
+        &self,
+        ns: &str,
+        ds: &str,
+        node: &str,
+        labels: Value,
+        ready: bool,
+    ) -> String {
+        let mut store = self.store.lock().expect("store");
+        store.next_pod += 1;
+        let name = format!(
+            "{ds}-{}",
+            suffix(&format!("ds/{ns}/{ds}/{node}/{}", store.next_pod), 5)
+        );
+        let pod = pod_object(&Pod {
+            ns,
+            name: &name,
+            node,
+            owner: Owner::DaemonSet(ds),
+            labels,
+            ready,
+            empty_dir: false,
+        });
+        self.commit(&mut store, "ADDED", "pods", pod);
+        name
+    }
+}
+
+impl ApiServer {
+    /// Deletes an object as its owner's controller (or an admin) would; a
+    /// ReplicaSet's pod gets its replacement as with any deletion.
+    pub fn remove_object(&self, resource: &'static str, ns: &str, name: &str) -> bool {
+        let mut store = self.store.lock().expect("store");
+        let Some(obj) = store.get(resource, ns, name).cloned() else {
+            return false;
+        };
+        if resource == "pods" {
+            remove_pod(self, &mut store, obj);
+        } else {
+            self.commit(&mut store, "DELETED", resource, obj);
+        }
+        true
+    }
+}
