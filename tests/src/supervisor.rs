@@ -34,6 +34,9 @@ pub const CILIUM_DS: &str = "cilium";
 pub const API_PORT: u16 = 6443;
 /// How long a k3s restart keeps the node NotReady (and its Lease unrenewed).
 pub const RESTART: Duration = Duration::from_millis(300);
+/// How long Cilium's agent takes to turn Ready once k3s runs without Flannel
+/// (the node is NotReady, "cni config uninitialized", meanwhile).
+pub const CILIUM_START: Duration = Duration::from_millis(150);
 const TICK: Duration = Duration::from_millis(50);
 const LEASE_EVERY: Duration = Duration::from_secs(2);
 
@@ -188,6 +191,8 @@ struct Node {
     /// What its running k3s uses.
     backend: Backend,
     restart_until: Option<Instant>,
+    /// When its k3s last (re)started.
+    started_at: Instant,
     cilium_up: bool,
     health: Option<tokio::task::AbortHandle>,
     health_state: Arc<Mutex<(String, String)>>,
@@ -510,6 +515,7 @@ fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
                 flags_none: false,
                 backend: Backend::Flannel,
                 restart_until: None,
+                started_at: now_s(),
                 cilium_up: false,
                 health: None,
                 health_state: Arc::new(Mutex::new(("Ok".into(), String::new()))),
@@ -672,13 +678,15 @@ impl Lab {
             .stdout(Stdio::null())
             .stderr(log);
         let fd = netns.as_raw_fd();
+        // The agent lives in the node's namespace; `down` kills what is left
+        // there (no parent-death signal: it is per thread, and agents are
+        // restarted from short-lived control threads).
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
         }
@@ -953,6 +961,7 @@ impl Lab {
         // k3s restart completes: the backend it starts with, its containerd config.
         if self.nodes[i].restart_until.is_some_and(|t| now >= t) {
             self.nodes[i].restart_until = None;
+            self.nodes[i].started_at = now;
             let backend = self.backend_at_start(i);
             let was = self.nodes[i].backend;
             self.nodes[i].backend = backend;
@@ -1026,7 +1035,9 @@ impl Lab {
                 && p["metadata"]["ownerReferences"][0]["name"] == CILIUM_DS
                 && p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
         });
-        let cilium_runs = backend == Backend::None && !restarting;
+        let cilium_runs = backend == Backend::None
+            && !restarting
+            && now.duration_since(self.nodes[i].started_at) >= CILIUM_START;
         if let Some(p) = cilium_pod {
             let pname = p["metadata"]["name"].as_str().unwrap_or("").to_string();
             let ready = pod_ready(p);
