@@ -191,7 +191,43 @@ fn deploy_flips_a_controller_to_cilium_and_rollback_brings_it_back() {
             .any(|l| l.starts_with("ctl-a") && l.contains(" none ") && l.contains("Ready")),
         "{status}"
     );
-    // A worker restarted now takes its backend from the switched server.
+    // Repod: the DaemonSet pods the drain left keep their veths on cni0 until
+    // deleted; their replacements get Cilium endpoints, no veth.
+    let cni0 = |r: &serde_json::Value| {
+        check(report_node(r, "ctl-a"), "flannel.interface.cni0")["message"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(cni0(&lab.preflight()).contains("with 2 attached pod interfaces"));
+    let pods = lab.kubectl_ok(&[
+        "get", "pods", "-A", "--field-selector", "spec.nodeName=ctl-a", "-o",
+        "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {.metadata.labels.k8s-app}{\"\\n\"}{end}",
+    ]);
+    for l in pods.lines().filter(|l| !l.ends_with("cilium")) {
+        let (ns, name) = l
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .split_once('/')
+            .unwrap();
+        lab.kubectl_ok(&["delete", "pod", "-n", ns, name]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(cni0(&lab.preflight()).contains("with 0 attached pod interfaces"));
+    let again = lab.kubectl_ok(&[
+        "get",
+        "pods",
+        "-A",
+        "--field-selector",
+        "spec.nodeName=ctl-a",
+        "--no-headers",
+    ]);
+    assert_eq!(
+        again.lines().filter(|l| l.contains("1/1")).count(),
+        3,
+        "recreated and Ready:\n{again}"
+    );
     // The agents' rollback command is the lab's.
     let pid = lab.record()["nodes"][0]["agent_pid"].as_u64().unwrap();
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
