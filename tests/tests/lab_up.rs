@@ -40,9 +40,15 @@ fn up_serves_the_seed_inventory_to_kubectl_and_cnishift_from_this_machine() {
         "longhorn-manager",
         "kube-vip",
         "cilium-",
+        "postgres-0",
     ] {
         assert!(got.contains(n), "{n} missing:\n{got}");
     }
+    let pvc = lab.kubectl_ok(&["get", "statefulsets,pvc", "-n", "database"]);
+    assert!(
+        pvc.contains("statefulset.apps/postgres") && pvc.contains("data-postgres-0"),
+        "{pvc}"
+    );
     // kube-vip runs on controllers only; Cilium is in the inventory's namespace.
     let vip = lab.kubectl_ok(&["get", "pods", "-n", "kube-system", "-o", "wide"]);
     assert_eq!(

@@ -44,6 +44,7 @@ pub(crate) async fn core_resources() -> Response {
             resource("namespaces", "namespace", false, "Namespace", &["get", "list"], &["ns"]),
             resource("events", "event", true, "Event", &["list", "watch"], &["ev"]),
             resource("pods", "pod", true, "Pod", &["delete", "get", "list", "watch"], &["po"]),
+            resource("persistentvolumeclaims", "persistentvolumeclaim", true, "PersistentVolumeClaim", &["get", "list", "watch"], &["pvc"]),
             // kubectl drain finds the Eviction API here.
             {"name": "pods/eviction", "singularName": "", "namespaced": true, "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]},
         ],
@@ -56,6 +57,7 @@ pub(crate) async fn apps_resources() -> Response {
             resource("daemonsets", "daemonset", true, "DaemonSet", &["get", "list", "watch"], &["ds"]),
             resource("deployments", "deployment", true, "Deployment", &["get", "list", "watch"], &["deploy"]),
             resource("replicasets", "replicaset", true, "ReplicaSet", &["get", "list"], &["rs"]),
+            resource("statefulsets", "statefulset", true, "StatefulSet", &["get", "list", "watch"], &["sts"]),
         ]}),
     )
 }

@@ -117,6 +117,24 @@ impl ApiServer {
                 "/apis/apps/v1/namespaces/{ns}/deployments/{name}",
                 get(get_in::<DEPLOYMENTS>),
             )
+            .route("/apis/apps/v1/statefulsets", get(list_all::<STATEFULSETS>))
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/statefulsets",
+                get(list_in::<STATEFULSETS>),
+            )
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/statefulsets/{name}",
+                get(get_in::<STATEFULSETS>),
+            )
+            .route("/api/v1/persistentvolumeclaims", get(list_all::<PVCS>))
+            .route(
+                "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+                get(list_in::<PVCS>),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}",
+                get(get_in::<PVCS>),
+            )
             .route("/apis/apps/v1/replicasets", get(list_all::<REPLICASETS>))
             .route(
                 "/apis/apps/v1/namespaces/{ns}/replicasets",

@@ -71,6 +71,8 @@ pub struct Pod<'a> {
 pub enum Owner<'a> {
     ReplicaSet(&'a str),
     DaemonSet(&'a str),
+    /// A StatefulSet's pod, with its PersistentVolumeClaim `data-<pod>`.
+    StatefulSet(&'a str),
     /// A mirror (static) pod of the kubelet.
     Mirror,
     None,
@@ -106,6 +108,9 @@ pub(crate) fn pod_object(p: &Pod) -> Value {
         Owner::DaemonSet(ds) => {
             meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": ds, "uid": uid(&format!("ds/{ns}/{ds}")), "controller": true, "blockOwnerDeletion": true}])
         }
+        Owner::StatefulSet(sts) => {
+            meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": sts, "uid": uid(&format!("sts/{ns}/{sts}")), "controller": true, "blockOwnerDeletion": true}])
+        }
         Owner::Mirror => {
             meta["annotations"] = json!({"kubernetes.io/config.mirror": "0123456789abcdef", "kubernetes.io/config.source": "file"})
         }
@@ -113,6 +118,8 @@ pub(crate) fn pod_object(p: &Pod) -> Value {
     }
     let volumes = if p.empty_dir {
         json!([{"name": "scratch", "emptyDir": {}}])
+    } else if matches!(p.owner, Owner::StatefulSet(_)) {
+        json!([{"name": "data", "persistentVolumeClaim": {"claimName": format!("data-{name}")}}])
     } else {
         json!([])
     };

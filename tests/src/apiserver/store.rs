@@ -131,7 +131,7 @@ pub(crate) fn now_rfc3339() -> String {
 
 /// The resources served by the generic list/watch/get handlers, by index
 /// (their kinds and apiVersions come from [`type_of`]).
-pub(crate) const RESOURCES: [&str; 9] = [
+pub(crate) const RESOURCES: [&str; 11] = [
     "nodes",
     "namespaces",
     "pods",
@@ -141,6 +141,8 @@ pub(crate) const RESOURCES: [&str; 9] = [
     "replicasets",
     "leases",
     "events",
+    "statefulsets",
+    "persistentvolumeclaims",
 ];
 pub(crate) const NODES: usize = 0;
 pub(crate) const NAMESPACES: usize = 1;
@@ -151,6 +153,8 @@ pub(crate) const DEPLOYMENTS: usize = 5;
 pub(crate) const REPLICASETS: usize = 6;
 pub(crate) const LEASES: usize = 7;
 pub(crate) const EVENTS: usize = 8;
+pub(crate) const STATEFULSETS: usize = 9;
+pub(crate) const PVCS: usize = 10;
 
 /// (kind, apiVersion) of a resource's objects.
 pub(crate) fn type_of(resource: &str) -> (&'static str, &'static str) {
@@ -162,6 +166,8 @@ pub(crate) fn type_of(resource: &str) -> (&'static str, &'static str) {
         "daemonsets" => ("DaemonSet", "apps/v1"),
         "deployments" => ("Deployment", "apps/v1"),
         "replicasets" => ("ReplicaSet", "apps/v1"),
+        "statefulsets" => ("StatefulSet", "apps/v1"),
+        "persistentvolumeclaims" => ("PersistentVolumeClaim", "v1"),
         "leases" => ("Lease", "coordination.k8s.io/v1"),
         "events" => ("Event", "events.k8s.io/v1"),
         _ => ("Unknown", "v1"),

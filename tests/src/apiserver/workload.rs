@@ -434,6 +434,7 @@ impl ApiServer {
         ] {
             self.add_deployment(ns, name, l(name), replicas, spread);
         }
+        self.add_statefulset("database", "postgres", l("postgres"), 1, spread);
         self.add_pdb("argocd", "argocd-server", l("argocd-server"), Some(1), None);
         self.add_pdb(
             "ingress-nginx",
@@ -502,5 +503,49 @@ impl ApiServer {
             self.commit(&mut store, "DELETED", resource, obj);
         }
         true
+    }
+}
+
+impl ApiServer {
+    /// A StatefulSet with `replicas` Ready pods `NAME-0`, `NAME-1`, ... spread
+    /// over `nodes`, each with its bound PersistentVolumeClaim `data-NAME-i`
+    /// (Longhorn's storage class, as on the seed).
+    pub fn add_statefulset(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: Value,
+        replicas: usize,
+        nodes: &[&str],
+    ) {
+        {
+            let mut store = self.store.lock().expect("store");
+            self.ensure_namespace(&mut store, ns);
+            let obj = json!({"kind": "StatefulSet", "apiVersion": "apps/v1",
+                "metadata": {"name": name, "namespace": ns, "uid": uid(&format!("sts/{ns}/{name}")), "creationTimestamp": now_rfc3339(), "labels": labels, "generation": 1},
+                "spec": {"replicas": replicas, "serviceName": name, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}},
+                         "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "longhorn", "resources": {"requests": {"storage": "10Gi"}}}}]},
+                "status": {"replicas": replicas, "readyReplicas": replicas, "currentReplicas": replicas, "updatedReplicas": replicas, "observedGeneration": 1}});
+            self.commit(&mut store, "ADDED", "statefulsets", obj);
+            for i in 0..replicas {
+                let claim = format!("data-{name}-{i}");
+                let pvc = json!({"kind": "PersistentVolumeClaim", "apiVersion": "v1",
+                    "metadata": {"name": claim, "namespace": ns, "uid": uid(&format!("pvc/{ns}/{claim}")), "creationTimestamp": now_rfc3339(), "labels": labels},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "longhorn", "resources": {"requests": {"storage": "10Gi"}}, "volumeName": format!("pvc-{}", uid(&format!("pv/{ns}/{claim}")))},
+                    "status": {"phase": "Bound", "accessModes": ["ReadWriteOnce"], "capacity": {"storage": "10Gi"}}});
+                self.commit(&mut store, "ADDED", "persistentvolumeclaims", pvc);
+            }
+        }
+        for i in 0..replicas {
+            self.add_pod(Pod {
+                ns,
+                name: &format!("{name}-{i}"),
+                node: nodes[i % nodes.len().max(1)],
+                owner: Owner::StatefulSet(name),
+                labels: labels.clone(),
+                ready: true,
+                empty_dir: false,
+            });
+        }
     }
 }

@@ -206,10 +206,17 @@ pub(crate) fn remove_pod(api: &ApiServer, store: &mut Store, pod: Value) -> Valu
     let deleted = api.commit(store, "DELETED", "pods", pod.clone());
     let owner = pod["metadata"]["ownerReferences"]
         .as_array()
-        .and_then(|o| o.iter().find(|o| o["kind"] == "ReplicaSet"))
-        .and_then(|o| o["name"].as_str())
-        .map(String::from);
-    if let Some(rs) = owner {
+        .and_then(|o| {
+            o.iter()
+                .find(|o| o["kind"] == "ReplicaSet" || o["kind"] == "StatefulSet")
+        })
+        .and_then(|o| {
+            Some((
+                o["kind"].as_str()?.to_string(),
+                o["name"].as_str()?.to_string(),
+            ))
+        });
+    if let Some((kind, owner)) = owner {
         let ns = pod["metadata"]["namespace"]
             .as_str()
             .unwrap_or("")
@@ -226,13 +233,23 @@ pub(crate) fn remove_pod(api: &ApiServer, store: &mut Store, pod: Value) -> Valu
             .and_then(|n| n["metadata"]["name"].as_str())
             .map(String::from);
         if let Some(node) = target {
-            store.next_pod += 1;
-            let name = format!("{rs}-r{:05}", store.next_pod);
+            // A ReplicaSet's replacement has a new name; a StatefulSet's keeps
+            // its pod's name (and so its claim).
+            let name = if kind == "StatefulSet" {
+                pod["metadata"]["name"].as_str().unwrap_or("").to_string()
+            } else {
+                store.next_pod += 1;
+                format!("{owner}-r{:05}", store.next_pod)
+            };
             let replacement = pod_object(&Pod {
                 ns: &ns,
                 name: &name,
                 node: &node,
-                owner: Owner::ReplicaSet(&rs),
+                owner: if kind == "StatefulSet" {
+                    Owner::StatefulSet(&owner)
+                } else {
+                    Owner::ReplicaSet(&owner)
+                },
                 labels: pod["metadata"]["labels"].clone(),
                 ready: false,
                 empty_dir: false,
