@@ -102,6 +102,7 @@ pub struct UpSpec {
 
 /// The inventory as the lab reads it (from the TOML itself, so keys this
 /// crate does not know yet pass through to the lab's cluster.toml).
+#[derive(Debug)]
 pub struct InventoryIn {
     pub table: toml::Table,
     pub nodes: Vec<(String, Role)>,
@@ -1329,4 +1330,67 @@ pub fn request(dir: &Path, req: &Request) -> Result<Reply> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     serde_json::from_str(&line).context("the supervisor's reply")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_subnets_are_24s_inside_the_pod_cidr() {
+        assert_eq!(
+            node_subnet("10.42.0.0/16", 0).unwrap(),
+            Ipv4Addr::new(10, 42, 0, 0)
+        );
+        assert_eq!(
+            node_subnet("10.42.0.0/16", 7).unwrap(),
+            Ipv4Addr::new(10, 42, 7, 0)
+        );
+        assert_eq!(
+            node_subnet("10.60.4.0/22", 3).unwrap(),
+            Ipv4Addr::new(10, 60, 7, 0)
+        );
+        assert!(node_subnet("10.60.4.0/22", 4).is_err());
+        assert!(node_subnet("10.42.0.0/24", 0).is_err());
+        assert!(node_subnet("nonsense", 0).is_err());
+    }
+
+    #[test]
+    fn fault_kinds_parse_by_their_names_and_unknown_ones_list_the_kinds() {
+        for k in FAULT_KINDS.split(", ") {
+            let f: Fault = k.parse().unwrap();
+            assert_eq!(f.to_string(), k);
+        }
+        let e = "wobbly".parse::<Fault>().unwrap_err();
+        assert!(
+            e.contains("hook-fails") && e.contains("worker-restarts-early"),
+            "{e}"
+        );
+        assert_eq!(node_pair("a:b").unwrap(), ("a".into(), "b".into()));
+        assert!(node_pair("ab").is_err() && node_pair(":b").is_err());
+    }
+
+    #[test]
+    fn the_inventory_gives_names_roles_cidr_namespace_and_the_cilium_selector() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i.toml");
+        fs::write(
+            &p,
+            "[cluster]\npod_cidr = \"10.50.0.0/16\"\n[cilium]\nnode_label = \"cnishift.io/cni=cilium\"\n\
+             [tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+             [[nodes]]\nname = \"x\"\nrole = \"controller\"\naddress = \"1.2.3.4:1\"\n\
+             [[nodes]]\nname = \"y\"\nrole = \"worker\"\naddress = \"1.2.3.5:1\"\n",
+        )
+        .unwrap();
+        let inv = read_inventory(&p).unwrap();
+        assert_eq!(
+            inv.nodes,
+            vec![("x".into(), Role::Controller), ("y".into(), Role::Worker)]
+        );
+        assert_eq!(inv.pod_cidr, "10.50.0.0/16");
+        assert_eq!(inv.cilium_ns, "kube-system");
+        assert_eq!(inv.cilium_selector, json!({"cnishift.io/cni": "cilium"}));
+        fs::write(&p, "[[nodes]]\nname = \"x\"\nrole = \"boss\"\n").unwrap();
+        assert!(read_inventory(&p).unwrap_err().to_string().contains("boss"));
+    }
 }

@@ -169,8 +169,9 @@ fn deploy_flips_a_controller_to_cilium_and_rollback_brings_it_back() {
             .any(|l| l == "False|container runtime network not ready: cni config uninitialized"),
         "NotReady while Cilium starts: {seen:?}"
     );
+    // The 1 s budget is the benchmark's (benches/lab.rs); here, slack for a loaded CI machine.
     assert!(
-        to_ready < Duration::from_secs(1),
+        to_ready < Duration::from_secs(3),
         "deploy to Ready: {to_ready:?}"
     );
     assert!(lab.cilium_pod("kube-system", "ctl-a").contains("1/1"));
