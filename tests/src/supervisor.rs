@@ -887,6 +887,11 @@ impl Lab {
             self.nodes[i].backend = Backend::Flannel;
         }
         self.restart_k3s(i);
+        // The generation that cut the node off is gone: reachable again
+        // (a partition, which is not the deploy's doing, stays).
+        if !self.nodes[i].faults.contains(&Fault::Partition) {
+            self.set_cut(i, false)?;
+        }
         Ok(Reply::ok(format!(
             "{node}: k3s flags back to Flannel; k3s restarting"
         )))

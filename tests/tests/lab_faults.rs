@@ -165,12 +165,14 @@ fn pdb_blocks_slow_api_unconfirmed_and_a_worker_that_restarts_early() {
     assert!(o.status.success(), "{}", text(&o));
     let r = lab.preflight();
     assert_eq!(status_of(&r, "ctl-a"), "timeout", "{r:#}");
+    assert!(
+        report_node(&r, "w-1")["report"].is_object(),
+        "only ctl-a is cut off"
+    );
     // worker-restarts-early: w-2's k3s restarted when the server switched and
     // came up without Flannel, before its turn; w-1 kept Flannel.
     lab.wait_node("ctl-a", "True", Duration::from_secs(3));
     std::thread::sleep(Duration::from_millis(600));
-    let w2 = report_node(&r, "w-2");
-    let _ = w2;
     let r = lab.preflight();
     let w2 = report_node(&r, "w-2");
     assert!(
@@ -189,4 +191,8 @@ fn pdb_blocks_slow_api_unconfirmed_and_a_worker_that_restarts_early() {
         "{w1:#}"
     );
     assert!(lab.cilium_pod("kube-system", "w-2").contains("1/1"));
+    // The rollback the agents run (the dead-man's) brings ctl-a back within reach.
+    let o = lab.lab(&["rollback", "ctl-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(report_node(&lab.preflight(), "ctl-a")["report"].is_object());
 }
