@@ -123,6 +123,21 @@ fn deploy_flips_a_controller_to_cilium_and_rollback_brings_it_back() {
         return;
     }
     let lab = Up::new(RENAMED, &[]);
+    // A worker's k3s restarted while no server has switched keeps Flannel.
+    let o = lab.deploy_hook("w-1").output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    std::thread::sleep(Duration::from_millis(400));
+    lab.wait_node("w-1", "True", Duration::from_secs(2));
+    let rows: serde_json::Value =
+        serde_json::from_slice(&lab.lab(&["status", "-o", "json"]).stdout).unwrap();
+    let w1 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == "w-1")
+        .unwrap();
+    assert_eq!(w1["backend"], "flannel", "{rows:#}");
+    assert_eq!(w1["agent"], "listening", "{rows:#}");
     let before = report_node(&lab.preflight(), "ctl-a").clone();
     assert!(
         check(&before, "cni.active")["message"]
@@ -190,6 +205,24 @@ fn deploy_flips_a_controller_to_cilium_and_rollback_brings_it_back() {
     assert_eq!(
         check(&after, "flannel.interface.flannel.1")["verdict"],
         "warn"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_slice(&lab.lab(&["status", "-o", "json"]).stdout).unwrap();
+    let c = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == "ctl-a")
+        .unwrap();
+    assert_eq!(
+        (
+            c["role"].as_str(),
+            c["backend"].as_str(),
+            c["ready"].as_bool(),
+            c["cilium"].as_str()
+        ),
+        (Some("controller"), Some("none"), Some(true), Some("Ready")),
+        "{rows:#}"
     );
     let status = text(&lab.lab(&["status"]));
     assert!(
