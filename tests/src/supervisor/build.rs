@@ -7,11 +7,12 @@ use super::*;
 pub(super) fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
     let dir = spec.dir.clone();
     let inv = read_inventory(&spec.inventory)?;
-    for (n, _) in spec.faults.iter().map(|(n, f)| (n, f)).chain(
-        spec.kernel_configs
-            .iter()
-            .map(|(n, _)| (n, &Fault::HookFails)),
-    ) {
+    let named = spec
+        .faults
+        .iter()
+        .map(|(n, _)| n)
+        .chain(spec.kernel_configs.iter().map(|(n, _)| n));
+    for n in named {
         if !inv.nodes.iter().any(|(m, _)| m == n) {
             bail!("{n} is not a node of {}", spec.inventory.display());
         }
@@ -370,14 +371,10 @@ fn write_cluster_toml(
         }
     }
     let text = format!(
-        "# Written by cnishift-lab up from {}: the lab's addresses, TLS files and deploy hook.\n{}",
-        inv_path_note(dir),
+        "# Written by cnishift-lab up from {} with the lab's agent addresses, TLS files, API server and deploy hook.\n{}",
+        inv.path.display(),
         toml::to_string(&t)?
     );
     fs::write(dir.join("cluster.toml"), text)?;
     Ok(())
-}
-
-fn inv_path_note(dir: &Path) -> String {
-    format!("the inventory given to `up` (lab in {})", dir.display())
 }

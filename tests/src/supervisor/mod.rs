@@ -115,6 +115,7 @@ pub struct UpSpec {
 /// crate does not know yet pass through to the lab's cluster.toml).
 #[derive(Debug)]
 pub struct InventoryIn {
+    pub path: PathBuf,
     pub table: toml::Table,
     pub nodes: Vec<(String, Role)>,
     pub pod_cidr: String,
@@ -174,6 +175,7 @@ pub fn read_inventory(path: &Path) -> Result<InventoryIn> {
         .and_then(|s| humantime::parse_duration(s).ok())
         .unwrap_or(Duration::from_secs(10));
     Ok(InventoryIn {
+        path: path.to_path_buf(),
         pod_cidr: get("pod_cidr").unwrap_or_else(|| "10.42.0.0/16".into()),
         cilium_ns: get("cilium_namespace").unwrap_or_else(|| "kube-system".into()),
         table,
