@@ -43,8 +43,9 @@ fn kernel_arg(s: &str) -> Result<(String, PathBuf), String> {
     name = "cnishift-lab",
     version,
     about = "A k3s-shaped cluster on one machine: network namespaces running the real cnishift-agent",
-    after_help = "Needs root (network namespaces). Nothing is attached to this machine's network;\n\
-                  lab addresses are in 198.18.0.0/15. Everything is torn down on exit."
+    after_help = "Needs root (network namespaces, links, mounts). `up` joins this machine to the lab's own\n\
+                  /24 of 198.18.0.0/15 with one link (cnshlN) and nothing else; `down` removes it.\n\
+                  `preflight` tears its lab down on exit; `apiserver` (no root needed) only listens where told."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -69,6 +70,7 @@ enum Cmd {
         #[arg(short, long, value_name = "FILE")]
         inventory: PathBuf,
         /// Where the lab writes cluster.toml, kubeconfig, pki/, hosts/, logs/ and lab.json.
+        /// The lab's directory, as given to `up`.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// Start with a fault on a node (repeatable); kinds as for `fault`.
@@ -85,6 +87,7 @@ enum Cmd {
     },
     /// Each node's role, k3s backend, Ready, cordoned, Cilium pod and agent state.
     Status {
+        /// The lab's directory, as given to `up`.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
@@ -92,19 +95,24 @@ enum Cmd {
     },
     /// The lab's deploy hook: switch NODE's k3s to --flannel-backend=none and restart it.
     Deploy {
+        /// The lab's directory, as given to `up`.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
+        /// The node, as named in the inventory.
         node: String,
     },
     /// The reverse of deploy (the lab agents' rollback command): NODE back to Flannel.
     Rollback {
+        /// The lab's directory, as given to `up`.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
+        /// The node, as named in the inventory.
         node: String,
     },
     /// Inject a fault on a running lab's node, or clear faults.
     #[command(after_help = FAULT_HELP)]
     Fault {
+        /// The lab's directory, as given to `up`.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// NODE:KIND to inject.
