@@ -295,14 +295,15 @@ pub(super) fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
     lab.wait_agents(Duration::from_secs(20))?;
     // Pods get their veths, DaemonSets their pods, before `up` returns.
     lab.tick();
-    lab.rec.ready = true;
-    lab.rec.save()?;
-
-    let lab = Arc::new(Mutex::new(lab));
+    // The control socket listens before `up` is told the lab is ready, so
+    // a `deploy` or `fault` right after `up` returns finds it.
     let sock = dir.join("control.sock");
     let _ = fs::remove_file(&sock);
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    lab.rec.ready = true;
+    lab.rec.save()?;
+    let lab = Arc::new(Mutex::new(lab));
     {
         let lab = lab.clone();
         std::thread::spawn(move || loop {
