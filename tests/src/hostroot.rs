@@ -64,6 +64,78 @@ fn gzip(text: &[u8]) -> Result<Vec<u8>> {
 
 /// Writes a Flannel-era k3s node's tree under `root`.
 pub fn build(root: &Path, name: &str, role: Role) -> Result<()> {
+    build_node(
+        root,
+        name,
+        role,
+        &NodeFiles {
+            pod_cidr: "10.42.0.0/16".into(),
+            pod_subnet: "10.42.1.1/24".into(),
+            kernel_config: None,
+        },
+    )
+}
+
+/// What differs between lab nodes' trees.
+pub struct NodeFiles {
+    /// The cluster's pod CIDR (Flannel's `Network`).
+    pub pod_cidr: String,
+    /// This node's subnet as Flannel writes it (`FLANNEL_SUBNET`, the cni0 address).
+    pub pod_subnet: String,
+    /// The kernel config to ship in `/proc/config.gz` (default: the role's fixture).
+    pub kernel_config: Option<Vec<u8>>,
+}
+
+/// The kernel config file name of a role's board in the fixtures.
+pub fn fixture_name(role: Role) -> &'static str {
+    match role {
+        Role::Controller => "opi5plus-rk3588-armbian-6.12.config",
+        Role::Worker => "rpi4-bcm2711-armbian-6.6.64.config",
+    }
+}
+
+/// The kernel release a role's board runs.
+pub fn release(role: Role) -> &'static str {
+    match role {
+        Role::Controller => RK3588_RELEASE,
+        Role::Worker => PI4_RELEASE,
+    }
+}
+
+/// The role's fixture config with the fix preflight suggests applied (what
+/// its `boot.kernelPatches` would build): `CONFIG_SCHEDSTATS=y`, which the
+/// RK3588 config lacks. Returns the config and the options it changed.
+pub fn fixed_fixture(role: Role) -> Result<(Vec<u8>, Vec<&'static str>)> {
+    let Some(dir) = shared_configs() else {
+        return Ok((FALLBACK_CONFIG.as_bytes().to_vec(), vec![]));
+    };
+    let name = fixture_name(role);
+    let text =
+        fs::read_to_string(dir.join(name)).with_context(|| format!("reading fixture {name}"))?;
+    let mut changed = vec![];
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut seen = false;
+    for line in text.lines() {
+        if line == "# CONFIG_SCHEDSTATS is not set" || line.starts_with("CONFIG_SCHEDSTATS=") {
+            seen = true;
+            if line != "CONFIG_SCHEDSTATS=y" {
+                changed.push("CONFIG_SCHEDSTATS=y");
+            }
+            out.push_str("CONFIG_SCHEDSTATS=y\n");
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !seen {
+        changed.push("CONFIG_SCHEDSTATS=y");
+        out.push_str("CONFIG_SCHEDSTATS=y\n");
+    }
+    Ok((out.into_bytes(), changed))
+}
+
+/// Writes a Flannel-era k3s node's tree under `root` with `files`' specifics.
+pub fn build_node(root: &Path, name: &str, role: Role, files: &NodeFiles) -> Result<()> {
     let (release, config_file, mem_kib) = match role {
         Role::Controller => (
             RK3588_RELEASE,
@@ -76,10 +148,9 @@ pub fn build(root: &Path, name: &str, role: Role) -> Result<()> {
             3_884_000u64,
         ),
     };
-    let config = match shared_configs() {
-        Some(dir) => fs::read(dir.join(config_file))
-            .with_context(|| format!("reading fixture {config_file}"))?,
-        None => FALLBACK_CONFIG.as_bytes().to_vec(),
+    let config = match &files.kernel_config {
+        Some(c) => c.clone(),
+        None => default_config(config_file)?,
     };
     write(root, "etc/hostname", format!("{name}\n"))?;
     write(root, "proc/sys/kernel/osrelease", format!("{release}\n"))?;
@@ -131,11 +202,35 @@ pub fn build(root: &Path, name: &str, role: Role) -> Result<()> {
     write(
         root,
         "var/lib/rancher/k3s/agent/etc/flannel/net-conf.json",
-        r#"{"Network":"10.42.0.0/16","EnableIPv6":false,"Backend":{"Type":"vxlan"}}"#,
+        format!(
+            r#"{{"Network":"{}","EnableIPv6":false,"Backend":{{"Type":"vxlan"}}}}"#,
+            files.pod_cidr
+        ),
     )?;
-    write(root, "run/flannel/subnet.env", "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")?;
+    write(
+        root,
+        "run/flannel/subnet.env",
+        format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+            files.pod_cidr, files.pod_subnet
+        ),
+    )?;
     fs::create_dir_all(root.join("var/lib/cni/networks/cbr0"))?;
     fs::create_dir_all(root.join("etc/cni/net.d"))?;
+    // Where bpffs is mounted on a real node (the lab mounts one there).
+    fs::create_dir_all(root.join("sys/fs/bpf"))?;
+    fs::create_dir_all(root.join("run"))?;
+    if fs::symlink_metadata(root.join("var/run")).is_err() {
+        std::os::unix::fs::symlink("../run", root.join("var/run"))?;
+    }
     write(root, "proc/mounts", "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\nbpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0\n")?;
     Ok(())
+}
+
+fn default_config(config_file: &str) -> Result<Vec<u8>> {
+    match shared_configs() {
+        Some(dir) => fs::read(dir.join(config_file))
+            .with_context(|| format!("reading fixture {config_file}")),
+        None => Ok(FALLBACK_CONFIG.as_bytes().to_vec()),
+    }
 }

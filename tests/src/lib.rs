@@ -5,9 +5,14 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod harness;
 pub mod hostroot;
+pub mod k3s;
+pub mod labnet;
 pub mod loopback;
 pub mod netns;
+pub mod record;
+pub mod supervisor;
 
 /// True when the caller may create namespaces; prints a loud SKIPPED line
 /// otherwise, and refuses to skip under CI=true.

@@ -2,16 +2,50 @@
 
 use std::process::ExitCode;
 
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
 use clap::{Parser, Subcommand};
 use cnishift_lab::cluster::{many_nodes, seed_nodes, Lab, LabOptions};
+use cnishift_lab::record::{self, Record};
+use cnishift_lab::supervisor::{self, node_pair, Fault, Reply, Request, UpSpec};
+
+const UP_HELP: &str =
+    "Needs root. Each node is a network namespace on a private bridge running the real\n\
+cnishift-agent (mutual TLS, certificates from `cnishift certs`) with a k3s + Flannel host root\n\
+(DIR/hosts/NODE) and real flannel.1, cni0, pod veths and FLANNEL-* chains. One link (cnshlN)\n\
+joins this machine to the lab's /24 in 198.18.0.0/15 (address .254); the simulated API server\n\
+listens there on port 6443. Then, from this machine:\n\
+  cnishift preflight -i DIR/cluster.toml\n\
+  kubectl --kubeconfig DIR/kubeconfig get nodes,pods -A\n\
+  cnishift cluster check -i DIR/cluster.toml --kubeconfig DIR/kubeconfig\n\
+`cnishift-lab down --dir DIR` removes it all.";
+
+const FAULT_HELP: &str = "Kinds: hook-fails (deploy exits 1), hook-hangs (deploy never returns), never-ready (the node\n\
+never turns Ready after its deploy), cilium-crashloop (the Cilium pod restarts, never Ready; health\n\
+says Failure), agent-down (the agent is stopped), partition (the admin box cannot reach the node;\n\
+the API still sees it), pdb-blocks (a PDB on a pod of the node never allows), slow-api (every API\n\
+answer comes after [deadlines] api + 1 s), unconfirmed (after its deploy the admin box cannot\n\
+reach the node), worker-restarts-early (the worker's k3s restarts as soon as a server switches).";
+
+fn fault_arg(s: &str) -> Result<(String, Fault), String> {
+    let (n, k) = node_pair(s)?;
+    Ok((n, k.parse()?))
+}
+
+fn kernel_arg(s: &str) -> Result<(String, PathBuf), String> {
+    let (n, f) = node_pair(s)?;
+    Ok((n, PathBuf::from(f)))
+}
 
 #[derive(Parser)]
 #[command(
     name = "cnishift-lab",
     version,
     about = "A k3s-shaped cluster on one machine: network namespaces running the real cnishift-agent",
-    after_help = "Needs root (network namespaces). Nothing is attached to this machine's network;\n\
-                  lab addresses are in 198.18.0.0/15. Everything is torn down on exit."
+    after_help = "Needs root (network namespaces, links, mounts). `up` joins this machine to the lab's own\n\
+                  /24 of 198.18.0.0/15 with one link (cnshlN) and nothing else; `down` removes it.\n\
+                  `preflight` tears its lab down on exit; `apiserver` (no root needed) only listens where told."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,10 +63,70 @@ enum Cmd {
         #[arg(short, long, default_value = "table")]
         output: String,
     },
-    /// Bring up the lab and keep it until Ctrl-C; prints how to reach it.
+    /// Build the inventory's cluster in DIR and return once it is ready; a supervisor keeps it running.
+    #[command(after_help = UP_HELP)]
     Up {
+        /// The inventory: node names and roles, [cluster] pod_cidr and cilium_namespace.
+        #[arg(short, long, value_name = "FILE")]
+        inventory: PathBuf,
+        /// Where the lab writes cluster.toml, kubeconfig, pki/, hosts/, logs/ and lab.json.
+        /// The lab's directory, as given to `up`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Start with a fault on a node (repeatable); kinds as for `fault`.
+        #[arg(long = "fault", value_name = "NODE:KIND", value_parser = fault_arg)]
+        faults: Vec<(String, Fault)>,
+        /// Give NODE's kernel FILE as its config (default: its board's fixture with preflight's fix).
+        #[arg(long = "kernel-config", value_name = "NODE:FILE", value_parser = kernel_arg)]
+        kernel_configs: Vec<(String, PathBuf)>,
+    },
+    /// Remove every namespace, process, link, mount and file of the lab in DIR (no --dir: every lab here).
+    Down {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Each node's role, k3s backend, Ready, cordoned, Cilium pod and agent state.
+    Status {
+        /// The lab's directory, as given to `up`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// The lab's deploy hook: switch NODE's k3s to --flannel-backend=none and restart it.
+    Deploy {
+        /// The lab's directory, as given to `up`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node, as named in the inventory.
+        node: String,
+    },
+    /// The reverse of deploy (the lab agents' rollback command): NODE back to Flannel.
+    Rollback {
+        /// The lab's directory, as given to `up`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node, as named in the inventory.
+        node: String,
+    },
+    /// Inject a fault on a running lab's node, or clear faults.
+    #[command(after_help = FAULT_HELP)]
+    Fault {
+        /// The lab's directory, as given to `up`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// NODE:KIND to inject.
+        #[arg(value_name = "NODE:KIND", value_parser = fault_arg, required_unless_present = "clear")]
+        fault: Option<(String, Fault)>,
+        /// Clear every fault (on NODE only, when given).
+        #[arg(long, value_name = "NODE", num_args = 0..=1, default_missing_value = "")]
+        clear: Option<String>,
+    },
+    /// (internal) The supervisor `up` starts in the background.
+    #[command(hide = true)]
+    Supervise {
         #[arg(long)]
-        nodes: Option<usize>,
+        spec: String,
     },
     /// Run the simulated Kubernetes API server alone (for kubectl and kube-rs), until Ctrl-C.
     #[command(
@@ -69,7 +163,10 @@ fn main() -> ExitCode {
         return run_apiserver(*listen, kubeconfig_out, *nodes);
     }
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("cnishift-lab: needs root to create network namespaces");
+        eprintln!(
+            "cnishift-lab: needs root (it creates network namespaces, links and mounts); run it as root, e.g.\n  sudo {}",
+            std::env::args().collect::<Vec<_>>().join(" ")
+        );
         return ExitCode::from(2);
     }
     let nodes = |n: Option<usize>| n.map_or_else(seed_nodes, many_nodes);
@@ -84,25 +181,29 @@ fn main() -> ExitCode {
             Ok(status.code().unwrap_or(2) as u8)
         })(),
         Cmd::Apiserver { .. } => unreachable!("handled above"),
-        Cmd::Up { nodes: n } => (|| -> anyhow::Result<u8> {
-            let mut lab = Lab::up(&nodes(n), &LabOptions::default())?;
-            let dir = lab.keep_dir().to_path_buf();
-            let coord = &lab.net.host("coordinator").expect("coordinator").netns;
-            println!(
-                "lab up: {} agents, files in {}",
-                lab.agents.len(),
-                dir.display()
-            );
-            let coordinator = cnishift_lab::cluster::binary("cnishift", "CNISHIFT_BIN")?;
-            println!(
-                "  ip netns exec {coord} {} preflight -i {}/cluster.toml",
-                coordinator.display(),
-                dir.display()
-            );
-            println!("Ctrl-C tears it down.");
-            let (tx, rx) = std::sync::mpsc::channel();
-            ctrlc_wait(tx);
-            let _ = rx.recv();
+        Cmd::Up {
+            inventory,
+            dir,
+            faults,
+            kernel_configs,
+        } => up(inventory, dir, faults, kernel_configs),
+        Cmd::Down { dir } => down(dir),
+        Cmd::Status { dir, output } => status(&dir, &output),
+        Cmd::Deploy { dir, node } => hook(&dir, Request::Deploy { node }),
+        Cmd::Rollback { dir, node } => hook(&dir, Request::Rollback { node }),
+        Cmd::Fault { dir, fault, clear } => {
+            let req = match (fault, clear) {
+                (_, Some(n)) => Request::Clear {
+                    node: (!n.is_empty()).then_some(n),
+                },
+                (Some((node, kind)), None) => Request::Fault { node, kind },
+                (None, None) => unreachable!("clap requires one"),
+            };
+            hook(&dir, req)
+        }
+        Cmd::Supervise { spec } => (|| -> anyhow::Result<u8> {
+            let spec: UpSpec = serde_json::from_str(&spec)?;
+            supervisor::supervise(spec)?;
             Ok(0)
         })(),
     };
@@ -113,19 +214,6 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-/// Blocks SIGINT/SIGTERM and signals `tx` when one arrives.
-fn ctrlc_wait(tx: std::sync::mpsc::Sender<()>) {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    let _ = set.thread_block();
-    std::thread::spawn(move || {
-        let _ = set.wait();
-        let _ = tx.send(());
-    });
 }
 
 fn run_apiserver(
@@ -183,5 +271,197 @@ fn run_apiserver(
             eprintln!("cnishift-lab apiserver: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+fn supervisor_alive(rec: &Record) -> bool {
+    rec.supervisor_pid.is_some_and(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("supervise"))
+    })
+}
+
+fn up(
+    inventory: PathBuf,
+    dir: PathBuf,
+    faults: Vec<(String, Fault)>,
+    kernel_configs: Vec<(String, PathBuf)>,
+) -> anyhow::Result<u8> {
+    use std::os::unix::process::CommandExt;
+    let start = Instant::now();
+    let dir = absolute(&dir)?;
+    let inventory = absolute(&inventory)?;
+    supervisor::read_inventory(&inventory)?;
+    if let Ok(rec) = Record::load(&dir) {
+        if supervisor_alive(&rec) {
+            anyhow::bail!(
+                "a lab is already running in {} (supervisor {}); `cnishift-lab down --dir {}` first",
+                dir.display(),
+                rec.supervisor_pid.unwrap_or(0),
+                dir.display()
+            );
+        }
+        // A lab whose supervisor died: remove what it left first.
+        record::down(&dir)?;
+    }
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let spec = UpSpec {
+        inventory,
+        dir: dir.clone(),
+        faults,
+        kernel_configs: kernel_configs
+            .into_iter()
+            .map(|(n, f)| absolute(&f).map(|f| (n, f)))
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let log = dir.join("logs/supervisor.log");
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("supervise")
+        .arg("--spec")
+        .arg(serde_json::to_string(&spec)?)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(&log)?);
+    // SAFETY: setsid is async-signal-safe; the supervisor outlives this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let rec = loop {
+        if let Ok(rec) = Record::load(&dir) {
+            if rec.ready {
+                break rec;
+            }
+            if let Some(e) = &rec.error {
+                let _ = child.wait();
+                let _ = record::down(&dir);
+                anyhow::bail!("the lab did not come up: {e}");
+            }
+        }
+        if let Some(st) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = record::down(&dir);
+            anyhow::bail!("the lab supervisor exited ({st}) before the lab was ready:\n{text}");
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = record::down(&dir);
+            anyhow::bail!("the lab was not ready after 60 s; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "lab up in {:.1} s: {} nodes, supervisor pid {}, files in {}",
+        start.elapsed().as_secs_f64(),
+        rec.nodes.len(),
+        rec.supervisor_pid.unwrap_or(0),
+        dir.display()
+    );
+    for n in &rec.notes {
+        println!("  {n}");
+    }
+    let host = rec.host_address.map(|a| a.to_string()).unwrap_or_default();
+    println!(
+        "  this machine reaches the lab through {} ({host}/24); the API server is http://{}",
+        rec.host_link.as_deref().unwrap_or("?"),
+        rec.api.map(|a| a.to_string()).unwrap_or_default()
+    );
+    println!("  cnishift preflight -i {}/cluster.toml", dir.display());
+    println!(
+        "  kubectl --kubeconfig {}/kubeconfig get nodes,pods -A",
+        dir.display()
+    );
+    println!("  cnishift-lab down --dir {}", dir.display());
+    Ok(0)
+}
+
+fn down(dir: Option<PathBuf>) -> anyhow::Result<u8> {
+    let start = Instant::now();
+    match dir {
+        Some(d) => {
+            let d = absolute(&d)?;
+            let done = record::down(&d)?;
+            println!(
+                "lab in {} down in {:.2} s: {}",
+                d.display(),
+                start.elapsed().as_secs_f64(),
+                done.join(", ")
+            );
+        }
+        None => {
+            let done = record::down_all();
+            if done.is_empty() {
+                println!("no lab on this machine");
+            }
+            for l in done {
+                println!("{l}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn status(dir: &Path, output: &str) -> anyhow::Result<u8> {
+    let dir = absolute(dir)?;
+    let rec = Record::load(&dir)?;
+    if !supervisor_alive(&rec) {
+        anyhow::bail!(
+            "the lab supervisor (pid {}) is not running; `cnishift-lab down --dir {}` removes what is left",
+            rec.supervisor_pid.unwrap_or(0),
+            dir.display()
+        );
+    }
+    let reply = supervisor::request(&dir, &Request::Status)?;
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(&reply.rows)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<14} {:<10} {:<10} {:<8} {:<9} {:<28} {:<14} FAULTS",
+        "NODE", "ROLE", "K3S", "READY", "CORDONED", "CILIUM POD", "AGENT"
+    );
+    for r in reply.rows {
+        println!(
+            "{:<14} {:<10} {:<10} {:<8} {:<9} {:<28} {:<14} {}",
+            r.node,
+            r.role,
+            r.backend,
+            if r.ready { "Ready" } else { "NotReady" },
+            if r.cordoned { "yes" } else { "no" },
+            r.cilium,
+            r.agent,
+            r.faults.join(",")
+        );
+    }
+    Ok(0)
+}
+
+fn hook(dir: &Path, req: Request) -> anyhow::Result<u8> {
+    let dir = absolute(dir)?;
+    let reply: Reply = supervisor::request(&dir, &req)?;
+    if reply.hang {
+        eprintln!("cnishift-lab: this hook hangs (fault hook-hangs); it never returns");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    if reply.ok {
+        if !reply.message.is_empty() {
+            println!("{}", reply.message);
+        }
+        Ok(0)
+    } else {
+        eprintln!("cnishift-lab: {}", reply.message);
+        Ok(1)
     }
 }

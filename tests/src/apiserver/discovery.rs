@@ -1,0 +1,87 @@
+//! Discovery: /version, legacy /api and /apis, and each group's resource list.
+
+use super::*;
+
+pub(crate) async fn version() -> Response {
+    json_response(&json!({
+        "major": "1", "minor": "33", "gitVersion": "v1.33.5+k3s1-cnishift-lab", "gitCommit": "0000000",
+        "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc",
+        "platform": "linux/arm64",
+    }))
+}
+
+pub(crate) async fn api_versions() -> Response {
+    // Legacy discovery (kubectl falls back to it from aggregated discovery).
+    json_response(
+        &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}]}),
+    )
+}
+
+pub(crate) async fn api_groups() -> Response {
+    let group = |name: &str| json!({"name": name, "versions": [{"groupVersion": format!("{name}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{name}/v1"), "version": "v1"}});
+    json_response(
+        &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group("apps"), group("policy"), group("coordination.k8s.io"), group("events.k8s.io")]}),
+    )
+}
+
+pub(crate) fn resource(
+    name: &str,
+    singular: &str,
+    namespaced: bool,
+    kind: &str,
+    verbs: &[&str],
+    short: &[&str],
+) -> Value {
+    json!({"name": name, "singularName": singular, "namespaced": namespaced, "kind": kind, "verbs": verbs, "shortNames": short})
+}
+
+pub(crate) async fn core_resources() -> Response {
+    json_response(&json!({
+        "kind": "APIResourceList",
+        "groupVersion": "v1",
+        "resources": [
+            resource("nodes", "node", false, "Node", &["get", "list", "patch", "watch"], &["no"]),
+            resource("namespaces", "namespace", false, "Namespace", &["get", "list"], &["ns"]),
+            resource("events", "event", true, "Event", &["list", "watch"], &["ev"]),
+            resource("pods", "pod", true, "Pod", &["delete", "get", "list", "watch"], &["po"]),
+            resource("persistentvolumeclaims", "persistentvolumeclaim", true, "PersistentVolumeClaim", &["get", "list", "watch"], &["pvc"]),
+            // kubectl drain finds the Eviction API here.
+            {"name": "pods/eviction", "singularName": "", "namespaced": true, "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]},
+        ],
+    }))
+}
+
+pub(crate) async fn apps_resources() -> Response {
+    json_response(
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": [
+            resource("daemonsets", "daemonset", true, "DaemonSet", &["get", "list", "watch"], &["ds"]),
+            resource("deployments", "deployment", true, "Deployment", &["get", "list", "watch"], &["deploy"]),
+            resource("replicasets", "replicaset", true, "ReplicaSet", &["get", "list"], &["rs"]),
+            resource("statefulsets", "statefulset", true, "StatefulSet", &["get", "list", "watch"], &["sts"]),
+        ]}),
+    )
+}
+
+pub(crate) async fn coordination_resources() -> Response {
+    json_response(
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "coordination.k8s.io/v1", "resources": [
+            resource("leases", "lease", true, "Lease", &["create", "delete", "get", "list", "update", "watch"], &[]),
+        ]}),
+    )
+}
+
+pub(crate) async fn events_resources() -> Response {
+    json_response(
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "events.k8s.io/v1", "resources": [
+            resource("events", "event", true, "Event", &["create", "get", "list", "watch"], &["ev"]),
+        ]}),
+    )
+}
+
+pub(crate) async fn policy_resources() -> Response {
+    json_response(
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "policy/v1", "resources": [
+            resource("poddisruptionbudgets", "poddisruptionbudget", true, "PodDisruptionBudget", &["get", "list"], &["pdb"]),
+        ]}),
+    )
+}

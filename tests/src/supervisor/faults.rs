@@ -1,0 +1,65 @@
+//! Faults on a running lab: injected and cleared.
+
+use super::*;
+
+impl Lab {
+    /// Cuts (or restores) the path between the admin box and node `i`: the
+    /// node drops what it would send to the host-side address.
+    pub(super) fn set_cut(&mut self, i: usize, cut: bool) -> Result<()> {
+        if self.nodes[i].cut == cut {
+            return Ok(());
+        }
+        let host = format!("{}/32", self.rec.host_address.context("no host address")?);
+        let ns = self.nodes[i].rec.netns.clone();
+        labnet::ip(&[
+            "-n",
+            &ns,
+            "route",
+            if cut { "add" } else { "del" },
+            "blackhole",
+            &host,
+        ])?;
+        self.nodes[i].cut = cut;
+        Ok(())
+    }
+
+    pub(super) fn set_fault(&mut self, node: &str, fault: Fault, on: bool) -> Result<()> {
+        let i = self.node_index(node)?;
+        if fault == Fault::WorkerRestartsEarly && self.nodes[i].rec.role != Role::Worker {
+            bail!("worker-restarts-early is for workers; {node} is a controller");
+        }
+        if on {
+            self.nodes[i].faults.insert(fault);
+        } else {
+            self.nodes[i].faults.remove(&fault);
+        }
+        match fault {
+            Fault::AgentDown if on => self.stop_agent(i),
+            Fault::AgentDown if self.nodes[i].agent.is_none() => {
+                self.start_agent(i)?;
+                self.wait_agents(Duration::from_secs(10))?;
+            }
+            Fault::Partition => self.set_cut(i, on)?,
+            Fault::Unconfirmed if !on => self.set_cut(i, false)?,
+            Fault::SlowApi => self.api.faults().set_delay(if on {
+                self.api_deadline + Duration::from_secs(1)
+            } else {
+                Duration::ZERO
+            }),
+            Fault::PdbBlocks => {
+                let ns = "lab-faults";
+                let name = format!("blocked-on-{node}");
+                if on {
+                    let labels = json!({"app.kubernetes.io/name": name});
+                    self.api
+                        .add_deployment(ns, &name, labels.clone(), 1, &[node]);
+                    self.api.add_pdb(ns, &name, labels, Some(1), None);
+                } else {
+                    self.api.remove_object("poddisruptionbudgets", ns, &name);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
