@@ -3,4 +3,5 @@
 //!
 //! `cnishift node …` and `cnishift migrate` call the same step functions.
 
+pub mod hooks;
 pub mod steps;
