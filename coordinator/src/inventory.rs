@@ -104,7 +104,7 @@ impl Default for Deadlines {
             api: Duration::from_secs(10),
             lock_ttl: Duration::from_secs(30),
             deploy: Duration::from_secs(600),
-            confirm: Duration::from_secs(1800),
+            confirm: Duration::from_secs(2700),
             rollback: Duration::from_secs(600),
             verify: Duration::from_secs(300),
             repod: Duration::from_secs(300),
@@ -919,7 +919,7 @@ address = "raccoon00.lan:7443"
         let inv = parse(GOOD).unwrap();
         assert!(inv.hooks.deploy.is_none() && inv.cilium.node_label.is_none());
         assert_eq!(inv.migrate.max_unavailable, 1);
-        assert_eq!(inv.deadlines.confirm, Duration::from_secs(1800));
+        assert_eq!(inv.deadlines.confirm, Duration::from_secs(2700));
         let inv = parse(&with(
             "[hooks]\ndeploy = [\"just\", \"nix\", \"deploy\", \"{node}\"]\n\
              rollback = [\"./back.sh\", \"{address}\", \"{role}\"]\n\

@@ -4,4 +4,5 @@
 //! `cnishift node …` and `cnishift migrate` call the same step functions.
 
 pub mod hooks;
+pub mod plan;
 pub mod steps;
