@@ -4,5 +4,6 @@
 //! `cnishift node …` and `cnishift migrate` call the same step functions.
 
 pub mod hooks;
+pub mod journal;
 pub mod plan;
 pub mod steps;
