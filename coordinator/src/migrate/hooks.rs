@@ -299,17 +299,22 @@ pub async fn run(
         argv0: argv0.clone(),
         detail: e.to_string(),
     })?;
-    let pgid = child.id().map(|p| p as i32);
-    let kill_group = || {
-        if let Some(pg) = pgid {
-            // SAFETY: killpg only sends a signal; the group is the child's own.
-            unsafe {
-                libc::killpg(pg, libc::SIGKILL);
+    // Killed with its group however this function ends, even when the
+    // future is dropped by a caller's deadline.
+    struct Group(Option<i32>);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            if let Some(pg) = self.0 {
+                // SAFETY: killpg only sends a signal; the group is the child's own.
+                unsafe {
+                    libc::killpg(pg, libc::SIGKILL);
+                }
             }
         }
-    };
+    }
+    let group = Group(child.id().map(|p| p as i32));
     let status = tokio::time::timeout(deadline, child.wait()).await;
-    kill_group();
+    drop(group);
     let logs = log.display().to_string();
     match status {
         Err(_) => {

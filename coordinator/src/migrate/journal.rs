@@ -244,6 +244,7 @@ impl State {
                     node.as_ref(),
                     Box::new(move |n: &mut NodeState| {
                         n.failed = Some((step.clone(), cause.clone()));
+                        n.done.remove(step);
                         n.in_flight = None;
                     }),
                 ),

@@ -6,4 +6,5 @@
 pub mod hooks;
 pub mod journal;
 pub mod plan;
+pub mod run;
 pub mod steps;
