@@ -5,6 +5,7 @@
 
 pub mod hooks;
 pub mod journal;
+pub mod live;
 pub mod plan;
 pub mod run;
 pub mod steps;

@@ -1,0 +1,298 @@
+//! The real world behind [`Cluster`] and [`NodeAgents`]: the Kubernetes API
+//! through [`crate::kube`], and the agents through [`crate::agents`].
+//!
+//! TODO(lead): the agent's rollback RPCs (ArmRollback/Confirm/Disarm/
+//! GetArmState/DialFromNode) and the migrated-node facts do not exist on this
+//! branch; the methods marked `TODO(lead)` below answer with an error naming
+//! the missing RPC until they are wired to the client calls in agents.rs.
+
+use std::time::Duration;
+
+use crate::agents::{self, ClientTls};
+use crate::inventory::{Inventory, Node};
+use crate::kube::events::{Kind, Step as EventStep};
+use crate::kube::gates::Verdict;
+use crate::kube::lease::{self, LockGuard};
+use crate::kube::nodes::Uncordoned;
+use crate::kube::Kube;
+
+use super::steps::{ArmState, Cause, Cluster, Control, NodeAgents};
+
+/// The Kubernetes API, with the migration Lease held.
+pub struct KubeCluster<'a> {
+    pub kube: &'a Kube,
+    pub inv: &'a Inventory,
+    pub guard: Option<&'a LockGuard>,
+    pub identity: String,
+}
+
+/// `wait-cilium-ready` → `WaitCiliumReady`.
+fn camel(step: &str) -> String {
+    step.split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+impl Cluster for KubeCluster<'_> {
+    async fn gates(&self) -> Result<(), Cause> {
+        let gates = self
+            .kube
+            .cluster_gates(&self.inv.cluster.cilium_namespace, self.inv.cluster.api_vip)
+            .await;
+        let failed: Vec<String> = gates
+            .iter()
+            .filter(|g| g.verdict == Verdict::Fail)
+            .map(|g| format!("gate {}: {}", g.id, g.message))
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    async fn cordon(&self, node: &str) -> Result<String, Cause> {
+        let c = self.kube.cordon(node).await.map_err(|e| e.to_string())?;
+        Ok(if c.was_cordoned {
+            "cordoned (an admin had cordoned it before; it stays cordoned afterwards)".into()
+        } else {
+            "cordoned".into()
+        })
+    }
+
+    async fn drain(&self, node: &str, deadline: Duration) -> Result<String, Cause> {
+        let r = self
+            .kube
+            .drain(node, &self.inv.drain, deadline, &|_| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "drained: {} pods evicted, {} left in place",
+            r.evicted.len(),
+            r.skipped.len()
+        ))
+    }
+
+    async fn cilium_present(&self) -> Result<bool, Cause> {
+        self.kube
+            .cilium_daemonset(&self.inv.cluster.cilium_namespace)
+            .await
+            .map(|d| d.is_some())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn label(&self, node: &str, key: &str, value: &str) -> Result<String, Cause> {
+        let changed = self
+            .kube
+            .label_node(node, key, value)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "{} {key}={value}",
+            if changed {
+                "labelled"
+            } else {
+                "already labelled"
+            }
+        ))
+    }
+
+    async fn unlabel(&self, node: &str, key: &str) -> Result<String, Cause> {
+        self.kube
+            .unlabel_node(node, key)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!("label {key} removed"))
+    }
+
+    async fn wait_cilium_and_ready(&self, node: &str, deadline: Duration) -> Result<String, Cause> {
+        let ns = &self.inv.cluster.cilium_namespace;
+        let (c, r) = tokio::join!(
+            self.kube
+                .wait_cilium_ready(node, ns, self.inv.deadlines.cilium_ready.min(deadline)),
+            self.kube
+                .wait_node_ready(node, self.inv.deadlines.node_ready.min(deadline)),
+        );
+        c.map_err(|e| e.to_string())?;
+        r.map_err(|e| e.to_string())?;
+        Ok(format!("the Cilium agent ({ns}) and the node are Ready"))
+    }
+
+    async fn wait_ready(&self, node: &str, deadline: Duration) -> Result<String, Cause> {
+        self.kube
+            .wait_node_ready(node, deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok("Ready".into())
+    }
+
+    async fn repod(&self, node: &str, deadline: Duration) -> Result<String, Cause> {
+        let n = self
+            .kube
+            .repod(node, deadline, Duration::from_millis(500))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!("{n} pods recreated and Ready"))
+    }
+
+    async fn uncordon(&self, node: &str) -> Result<String, Cause> {
+        Ok(
+            match self.kube.uncordon(node).await.map_err(|e| e.to_string())? {
+                Uncordoned::Uncordoned => "uncordoned",
+                Uncordoned::LeftCordonedByAdmin => {
+                    "left cordoned: it was cordoned before the migration"
+                }
+                Uncordoned::NotOurs => "not cordoned by cnishift; left as it is",
+            }
+            .into(),
+        )
+    }
+
+    async fn record(&self, node: &str, step: &str, ok: bool, note: &str) {
+        let reason = format!("Migration{}", camel(step));
+        self.kube
+            .record_or_warn(
+                node,
+                EventStep {
+                    reason: &reason,
+                    action: &camel(step),
+                    note: format!("cnishift: {note}"),
+                    kind: if ok { Kind::Normal } else { Kind::Warning },
+                },
+                &self.identity,
+            )
+            .await;
+    }
+
+    async fn control(&self) -> Result<Control, Cause> {
+        if let Some(g) = self.guard {
+            if let Err(e) = g.check() {
+                return Ok(Control::Lost(e.to_string()));
+            }
+        }
+        match self
+            .kube
+            .paused(lease::NAMESPACE, lease::NAME)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            None if self.guard.is_some() => Ok(Control::Lost("the Lease was deleted".into())),
+            Some(Some(_)) => Ok(Control::Paused),
+            _ => Ok(Control::Run),
+        }
+    }
+}
+
+/// The agents, over mutual TLS.
+pub struct AgentClients<'a> {
+    pub tls: &'a ClientTls,
+    pub inv: &'a Inventory,
+}
+
+fn not_yet(rpc: &str) -> Cause {
+    format!("the agent's {rpc} RPC is not wired into this coordinator yet")
+}
+
+impl NodeAgents for AgentClients<'_> {
+    async fn preflight(&self, node: &Node) -> Result<(), Cause> {
+        let r = agents::get_report(node, self.tls, &self.inv.deadlines)
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.ready {
+            return Ok(());
+        }
+        let failing: Vec<String> = r
+            .checks
+            .iter()
+            .filter(|c| c.verdict == cnishift_proto::v1::Verdict::Fail as i32)
+            .map(|c| format!("{}: {}", c.id, c.message))
+            .collect();
+        Err(format!(
+            "the agent says the node is not ready: {}",
+            failing.join("; ")
+        ))
+    }
+
+    // TODO(lead): ArmRollback { run, deadline }.
+    async fn arm(&self, _node: &Node, _run: &str, _deadline: Duration) -> Result<(), Cause> {
+        Err(not_yet("ArmRollback"))
+    }
+
+    // TODO(lead): Confirm { run } over a new connection.
+    async fn confirm(&self, _node: &Node, _run: &str) -> Result<(), Cause> {
+        Err(not_yet("Confirm"))
+    }
+
+    // TODO(lead): Disarm { run }.
+    async fn disarm(&self, _node: &Node, _run: &str) -> Result<(), Cause> {
+        Err(not_yet("Disarm"))
+    }
+
+    // TODO(lead): GetArmState → ArmState.
+    async fn arm_state(&self, _node: &Node) -> Result<ArmState, Cause> {
+        Err(not_yet("GetArmState"))
+    }
+
+    // TODO(lead): GetReport judged "migrated" from the migrated-node facts.
+    async fn migrated(&self, _node: &Node) -> Result<(), Cause> {
+        Err(not_yet("migrated-node facts of GetReport"))
+    }
+
+    // TODO(lead): from the migrated-node facts (pods on cni0).
+    async fn pods_on_cni0(&self, _node: &Node) -> Result<u32, Cause> {
+        Err(not_yet("migrated-node facts of GetReport"))
+    }
+
+    // TODO(lead): DialFromNode.
+    async fn dial(&self, _node: &Node, _target: std::net::SocketAddr) -> Result<(), Cause> {
+        Err(not_yet("DialFromNode"))
+    }
+
+    // TODO(lead): from the report's k3s facts (Flannel expected, not running).
+    async fn flannel_missing(&self, _node: &Node) -> Result<bool, Cause> {
+        Ok(false)
+    }
+
+    async fn cleanup(&self, node: &Node) -> Result<String, Cause> {
+        let d = &self.inv.deadlines;
+        let plan = agents::plan_cleanup(node, self.tls, d, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !plan.allowed {
+            let why: Vec<String> = plan
+                .refusals
+                .iter()
+                .map(|r| format!("{}: {} ({})", r.interlock, r.reason, r.fix))
+                .collect();
+            return Err(format!("the agent refuses cleanup: {}", why.join("; ")));
+        }
+        let events = agents::apply_cleanup(node, self.tls, d, false, |_| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        match events.into_iter().find(|e| e.item == "*") {
+            Some(e) if e.ok => Ok(format!("{} (backup {})", e.message, e.backup_id)),
+            Some(e) => Err(e.message),
+            None => Err("the agent ended its cleanup without a summary".into()),
+        }
+    }
+}
+
+/// The pause annotation's value: who paused, and when.
+pub fn pause_value() -> String {
+    format!("{} at {}", lease::default_identity(), super::journal::now())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn event_reasons_are_camel_case() {
+        assert_eq!(super::camel("wait-cilium-ready"), "WaitCiliumReady");
+        assert_eq!(super::camel("cordon"), "Cordon");
+        assert_eq!(crate::kube::ops::PAUSE_ANNOTATION, "cnishift.io/paused");
+    }
+}
