@@ -296,3 +296,111 @@ mod tests {
         assert_eq!(crate::kube::ops::PAUSE_ANNOTATION, "cnishift.io/paused");
     }
 }
+
+/// One line of `cnishift verify`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckVerdict {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl CheckVerdict {
+    pub fn mark(&self) -> &'static str {
+        match self {
+            CheckVerdict::Pass => "✓",
+            CheckVerdict::Warn => "!",
+            CheckVerdict::Fail => "✗",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub id: String,
+    pub verdict: CheckVerdict,
+    pub message: String,
+}
+
+/// The runbook's validation checklist where software can see it.
+pub async fn verify_cluster<A: NodeAgents>(
+    inv: &Inventory,
+    kube: &Kube,
+    agents: &A,
+    after_cleanup: bool,
+) -> Vec<Check> {
+    let mut out = vec![];
+    let mut push = |id: String, ok: Result<String, String>, fail: CheckVerdict| {
+        out.push(match ok {
+            Ok(m) => Check {
+                id,
+                verdict: CheckVerdict::Pass,
+                message: m,
+            },
+            Err(m) => Check {
+                id,
+                verdict: fail,
+                message: m,
+            },
+        })
+    };
+    let gates = kube
+        .cluster_gates(&inv.cluster.cilium_namespace, inv.cluster.api_vip)
+        .await;
+    for g in gates
+        .iter()
+        .filter(|g| g.id == "nodes.ready" || g.id == "cilium.daemonset")
+    {
+        let v = match g.verdict {
+            Verdict::Pass => Ok(g.message.clone()),
+            _ => Err(g.message.clone()),
+        };
+        push(g.id.to_string(), v, CheckVerdict::Fail);
+    }
+    let ns = &inv.cluster.cilium_namespace;
+    for n in &inv.nodes {
+        let c = kube
+            .wait_cilium_ready(&n.name, ns, inv.deadlines.api)
+            .await
+            .map(|()| "a Ready Cilium pod".to_string())
+            .map_err(|e| e.to_string());
+        push(format!("{}.cilium-pod", n.name), c, CheckVerdict::Fail);
+        let m = agents
+            .migrated(n)
+            .await
+            .map(|()| "the agent judges it migrated".to_string());
+        push(format!("{}.migrated", n.name), m, CheckVerdict::Fail);
+        if let Some(vip) = inv.cluster.api_vip {
+            let d = agents
+                .dial(n, vip)
+                .await
+                .map(|()| format!("{vip} reachable from the node"));
+            push(format!("{}.vip", n.name), d, CheckVerdict::Fail);
+        }
+        let leftovers = agents_leftovers(inv, n, agents).await;
+        push(
+            format!("{}.flannel-leftovers", n.name),
+            leftovers,
+            if after_cleanup {
+                CheckVerdict::Fail
+            } else {
+                CheckVerdict::Warn
+            },
+        );
+    }
+    out
+}
+
+/// Flannel leftovers as the node's agent plans to remove them.
+async fn agents_leftovers<A: NodeAgents>(
+    _inv: &Inventory,
+    node: &Node,
+    agents: &A,
+) -> Result<String, String> {
+    match agents.pods_on_cni0(node).await {
+        Ok(0) => Ok("no pod on cni0".into()),
+        Ok(n) => Err(format!("{n} pods still on cni0")),
+        Err(e) => Err(e),
+    }
+}
