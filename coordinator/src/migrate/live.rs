@@ -13,10 +13,9 @@ use crate::inventory::{Inventory, Node};
 use crate::kube::events::{Kind, Step as EventStep};
 use crate::kube::gates::Verdict;
 use crate::kube::lease::{self, LockGuard};
-use crate::kube::nodes::Uncordoned;
 use crate::kube::Kube;
 
-use super::steps::{ArmState, Cause, Cluster, Control, NodeAgents};
+use super::steps::{node_step, ArmState, Cause, Cluster, Control, NodeAgents, NodeStep};
 
 /// The Kubernetes API, with the migration Lease held.
 pub struct KubeCluster<'a> {
@@ -24,6 +23,15 @@ pub struct KubeCluster<'a> {
     pub inv: &'a Inventory,
     pub guard: Option<&'a LockGuard>,
     pub identity: String,
+}
+
+impl KubeCluster<'_> {
+    async fn node_step(&self, node: &str, step: NodeStep) -> Result<String, Cause> {
+        node_step(self.kube, self.inv, node, step, &self.identity, &|_| {})
+            .await
+            .map(|v| v["message"].as_str().unwrap_or("done").to_string())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// `wait-cilium-ready` → `WaitCiliumReady`.
@@ -56,26 +64,14 @@ impl Cluster for KubeCluster<'_> {
         }
     }
 
+    // Cordon, drain, uncordon and the waits are the very step functions of
+    // `cnishift node …`, with their Events.
     async fn cordon(&self, node: &str) -> Result<String, Cause> {
-        let c = self.kube.cordon(node).await.map_err(|e| e.to_string())?;
-        Ok(if c.was_cordoned {
-            "cordoned (an admin had cordoned it before; it stays cordoned afterwards)".into()
-        } else {
-            "cordoned".into()
-        })
+        self.node_step(node, NodeStep::Cordon).await
     }
 
-    async fn drain(&self, node: &str, deadline: Duration) -> Result<String, Cause> {
-        let r = self
-            .kube
-            .drain(node, &self.inv.drain, deadline, &|_| {})
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(format!(
-            "drained: {} pods evicted, {} left in place",
-            r.evicted.len(),
-            r.skipped.len()
-        ))
+    async fn drain(&self, node: &str, _deadline: Duration) -> Result<String, Cause> {
+        self.node_step(node, NodeStep::Drain).await
     }
 
     async fn cilium_present(&self) -> Result<bool, Cause> {
@@ -110,25 +106,20 @@ impl Cluster for KubeCluster<'_> {
         Ok(format!("label {key} removed"))
     }
 
-    async fn wait_cilium_and_ready(&self, node: &str, deadline: Duration) -> Result<String, Cause> {
-        let ns = &self.inv.cluster.cilium_namespace;
+    async fn wait_cilium_and_ready(
+        &self,
+        node: &str,
+        _deadline: Duration,
+    ) -> Result<String, Cause> {
         let (c, r) = tokio::join!(
-            self.kube
-                .wait_cilium_ready(node, ns, self.inv.deadlines.cilium_ready.min(deadline)),
-            self.kube
-                .wait_node_ready(node, self.inv.deadlines.node_ready.min(deadline)),
+            self.node_step(node, NodeStep::WaitCilium),
+            self.node_step(node, NodeStep::WaitReady),
         );
-        c.map_err(|e| e.to_string())?;
-        r.map_err(|e| e.to_string())?;
-        Ok(format!("the Cilium agent ({ns}) and the node are Ready"))
+        Ok(format!("{}; {}", c?, r?))
     }
 
-    async fn wait_ready(&self, node: &str, deadline: Duration) -> Result<String, Cause> {
-        self.kube
-            .wait_node_ready(node, deadline)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok("Ready".into())
+    async fn wait_ready(&self, node: &str, _deadline: Duration) -> Result<String, Cause> {
+        self.node_step(node, NodeStep::WaitReady).await
     }
 
     async fn repod(&self, node: &str, deadline: Duration) -> Result<String, Cause> {
@@ -141,19 +132,14 @@ impl Cluster for KubeCluster<'_> {
     }
 
     async fn uncordon(&self, node: &str) -> Result<String, Cause> {
-        Ok(
-            match self.kube.uncordon(node).await.map_err(|e| e.to_string())? {
-                Uncordoned::Uncordoned => "uncordoned",
-                Uncordoned::LeftCordonedByAdmin => {
-                    "left cordoned: it was cordoned before the migration"
-                }
-                Uncordoned::NotOurs => "not cordoned by cnishift; left as it is",
-            }
-            .into(),
-        )
+        self.node_step(node, NodeStep::Uncordon).await
     }
 
     async fn record(&self, node: &str, step: &str, ok: bool, note: &str) {
+        // The node steps record their own Events.
+        if ["cordon", "drain", "uncordon", "wait-cilium-ready"].contains(&step) {
+            return;
+        }
         let reason = format!("Migration{}", camel(step));
         self.kube
             .record_or_warn(
