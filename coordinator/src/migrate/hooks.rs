@@ -162,67 +162,6 @@ pub fn host_of(address: &str) -> String {
         .to_string()
 }
 
-#[cfg(test)]
-mod template_tests {
-    use super::*;
-    use crate::inventory::{Node, Role};
-
-    fn t(argv: &[&str]) -> Result<Template, (usize, TemplateError)> {
-        Template::parse(&argv.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-    }
-
-    #[test]
-    fn renders_every_placeholder() {
-        let node = Node {
-            name: "raccoon03".into(),
-            role: Role::Worker,
-            address: "10.1.0.23:7443".into(),
-        };
-        let tpl = t(&[
-            "nixos-rebuild",
-            "--flake",
-            ".#{node}",
-            "--target-host",
-            "root@{address}",
-            "{role}-{run}",
-            "{{literal}}",
-        ])
-        .unwrap();
-        assert_eq!(
-            tpl.render(&Vars::for_node(&node, "r1")),
-            [
-                "nixos-rebuild",
-                "--flake",
-                ".#raccoon03",
-                "--target-host",
-                "root@10.1.0.23",
-                "worker-r1",
-                "{literal}"
-            ]
-        );
-        assert_eq!(host_of("[fd00::1]:7443"), "fd00::1");
-        assert_eq!(host_of("pi.lan:7443"), "pi.lan");
-    }
-
-    #[test]
-    fn unknown_placeholders_and_stray_braces_are_errors() {
-        let (i, e) = t(&["deploy", "{nodename}"]).unwrap_err();
-        assert_eq!(i, 1);
-        assert_eq!(
-            e.message,
-            "\"{nodename}\": unknown placeholder {nodename}; a hook may use {node}, {address}, {role}, {run}"
-        );
-        let (_, e) = t(&["x{node"]).unwrap_err();
-        assert_eq!(e.message, "\"x{node\": '{' without a closing '}'");
-        assert_eq!(e.offset, 1);
-        let (_, e) = t(&["a}b"]).unwrap_err();
-        assert_eq!(
-            e.message,
-            "\"a}b\": '}' without an opening '{' (write '}}' for a literal brace)"
-        );
-    }
-}
-
 // --- running a hook -------------------------------------------------------------
 
 /// Why a hook failed, with the end of its output.
@@ -473,5 +412,66 @@ mod run_tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!alive(pid), "the background child {pid} outlived its hook");
+    }
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+    use crate::inventory::{Node, Role};
+
+    fn t(argv: &[&str]) -> Result<Template, (usize, TemplateError)> {
+        Template::parse(&argv.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn renders_every_placeholder() {
+        let node = Node {
+            name: "raccoon03".into(),
+            role: Role::Worker,
+            address: "10.1.0.23:7443".into(),
+        };
+        let tpl = t(&[
+            "nixos-rebuild",
+            "--flake",
+            ".#{node}",
+            "--target-host",
+            "root@{address}",
+            "{role}-{run}",
+            "{{literal}}",
+        ])
+        .unwrap();
+        assert_eq!(
+            tpl.render(&Vars::for_node(&node, "r1")),
+            [
+                "nixos-rebuild",
+                "--flake",
+                ".#raccoon03",
+                "--target-host",
+                "root@10.1.0.23",
+                "worker-r1",
+                "{literal}"
+            ]
+        );
+        assert_eq!(host_of("[fd00::1]:7443"), "fd00::1");
+        assert_eq!(host_of("pi.lan:7443"), "pi.lan");
+    }
+
+    #[test]
+    fn unknown_placeholders_and_stray_braces_are_errors() {
+        let (i, e) = t(&["deploy", "{nodename}"]).unwrap_err();
+        assert_eq!(i, 1);
+        assert_eq!(
+            e.message,
+            "\"{nodename}\": unknown placeholder {nodename}; a hook may use {node}, {address}, {role}, {run}"
+        );
+        let (_, e) = t(&["x{node"]).unwrap_err();
+        assert_eq!(e.message, "\"x{node\": '{' without a closing '}'");
+        assert_eq!(e.offset, 1);
+        let (_, e) = t(&["a}b"]).unwrap_err();
+        assert_eq!(
+            e.message,
+            "\"a}b\": '}' without an opening '{' (write '}}' for a literal brace)"
+        );
     }
 }

@@ -222,48 +222,43 @@ impl State {
     pub fn fold(records: &[Record]) -> State {
         let mut s = State::default();
         for r in records {
-            let (node, f): (Option<&String>, Box<dyn Fn(&mut NodeState)>) = match r {
-                Record::Intent { node, step, .. } => (
-                    node.as_ref(),
-                    Box::new(move |n: &mut NodeState| {
-                        n.in_flight = Some(step.clone());
-                        n.last = Some(step.clone());
-                    }),
-                ),
-                Record::Done { node, step, .. } => (
-                    node.as_ref(),
-                    Box::new(move |n: &mut NodeState| {
-                        n.done.insert(step.clone());
-                        n.in_flight = None;
-                        n.failed = None;
-                    }),
-                ),
+            match r {
+                Record::Intent { node, step, .. } => {
+                    let n = s.entry(node.as_ref());
+                    n.in_flight = Some(step.clone());
+                    n.last = Some(step.clone());
+                }
+                Record::Done { node, step, .. } => {
+                    let n = s.entry(node.as_ref());
+                    n.done.insert(step.clone());
+                    n.in_flight = None;
+                    n.failed = None;
+                }
                 Record::Failed {
                     node, step, cause, ..
-                } => (
-                    node.as_ref(),
-                    Box::new(move |n: &mut NodeState| {
-                        n.failed = Some((step.clone(), cause.clone()));
-                        n.done.remove(step);
-                        n.in_flight = None;
-                    }),
-                ),
-                Record::RolledBack { node, outcome, .. } => (
-                    Some(node),
-                    Box::new(move |n: &mut NodeState| {
-                        n.done.clear();
-                        n.rolled_back = Some(outcome.clone());
-                        n.last = Some("rolled-back".into());
-                    }),
-                ),
-                Record::Header { .. } | Record::InventoryAccepted { .. } => continue,
-            };
-            match node {
-                Some(n) => f(s.nodes.entry(n.clone()).or_default()),
-                None => f(&mut s.cluster),
+                } => {
+                    let n = s.entry(node.as_ref());
+                    n.failed = Some((step.clone(), cause.clone()));
+                    n.done.remove(step);
+                    n.in_flight = None;
+                }
+                Record::RolledBack { node, outcome, .. } => {
+                    let n = s.entry(Some(node));
+                    n.done.clear();
+                    n.rolled_back = Some(outcome.clone());
+                    n.last = Some("rolled-back".into());
+                }
+                Record::Header { .. } | Record::InventoryAccepted { .. } => {}
             }
         }
         s
+    }
+
+    fn entry(&mut self, node: Option<&String>) -> &mut NodeState {
+        match node {
+            Some(n) => self.nodes.entry(n.clone()).or_default(),
+            None => &mut self.cluster,
+        }
     }
 }
 

@@ -273,16 +273,6 @@ pub fn pause_value() -> String {
     format!("{} at {}", lease::default_identity(), super::journal::now())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn event_reasons_are_camel_case() {
-        assert_eq!(super::camel("wait-cilium-ready"), "WaitCiliumReady");
-        assert_eq!(super::camel("cordon"), "Cordon");
-        assert_eq!(crate::kube::ops::PAUSE_ANNOTATION, "cnishift.io/paused");
-    }
-}
-
 /// One line of `cnishift verify`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -388,5 +378,15 @@ async fn agents_leftovers<A: NodeAgents>(
         Ok(0) => Ok("no pod on cni0".into()),
         Ok(n) => Err(format!("{n} pods still on cni0")),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn event_reasons_are_camel_case() {
+        assert_eq!(super::camel("wait-cilium-ready"), "WaitCiliumReady");
+        assert_eq!(super::camel("cordon"), "Cordon");
+        assert_eq!(crate::kube::ops::PAUSE_ANNOTATION, "cnishift.io/paused");
     }
 }

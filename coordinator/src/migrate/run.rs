@@ -686,18 +686,7 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                     aftermath.push_str(&format!("; {}", self.aftermath(other, step).await));
                 }
             }
-            let out = self.halt(Some(&n), step.name(), cause, aftermath);
-            if let Outcome::Halted(h) = &out {
-                self.emit(
-                    Some(&n.name),
-                    step.name(),
-                    Phase::Halted,
-                    Duration::ZERO,
-                    None,
-                    h.to_string(),
-                );
-            }
-            return Err(out);
+            return Err(self.halt(Some(&n), step.name(), cause, aftermath));
         }
         Ok(())
     }
@@ -849,7 +838,20 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
     pub async fn run(&mut self) -> Outcome {
         match self.walk().await {
             Ok(()) => Outcome::Completed,
-            Err(o) => o,
+            Err(o) => {
+                if let Outcome::Halted(h) = &o {
+                    let (node, step, msg) = (h.node.clone(), h.step.clone(), h.to_string());
+                    self.emit(
+                        node.as_deref(),
+                        &step,
+                        Phase::Halted,
+                        Duration::ZERO,
+                        None,
+                        msg,
+                    );
+                }
+                o
+            }
         }
     }
 
@@ -915,6 +917,130 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
             self.cluster_step(step).await?;
         }
         Ok(())
+    }
+}
+
+/// `cnishift rollback NODE`: cordon, drain, `[hooks] rollback`, remove the
+/// label, wait Ready on Flannel, uncordon; journaled like a step (an intent
+/// for `rollback`, then done or failed, and on success a rolled-back record
+/// so that a later `migrate` starts the node over).
+pub async fn rollback_node<C: Cluster>(
+    inv: &Inventory,
+    cluster: &C,
+    opts: &Options,
+    journal: &mut Journal,
+    node: &Node,
+    sink: &mut dyn FnMut(&Event),
+) -> Result<(), Cause> {
+    let Some(hook) = &inv.hooks.rollback else {
+        return Err("[hooks] rollback is not set".into());
+    };
+    let io = |e: std::io::Error| format!("cannot write the journal: {e}");
+    journal
+        .append(Record::Intent {
+            node: Some(node.name.clone()),
+            step: "rollback".into(),
+            time: journal::now(),
+        })
+        .map_err(io)?;
+    let d = &inv.deadlines;
+    let name = node.name.as_str();
+    let run = journal.run.clone();
+    let mut emit =
+        |step: &str, phase: Phase, started: Instant, deadline: Duration, detail: String| {
+            sink(&Event {
+                time: journal::now(),
+                run: run.clone(),
+                node: Some(name.to_string()),
+                step: step.to_string(),
+                phase,
+                elapsed_ms: ms(started.elapsed()),
+                deadline_ms: Some(ms(deadline)),
+                detail,
+            })
+        };
+    let result: Result<(), Cause> = async {
+        let t = Instant::now();
+        let m = within(d.api, Duration::ZERO, "cordon", cluster.cordon(name)).await?;
+        emit("cordon", Phase::Done, t, d.api, m);
+        let t = Instant::now();
+        let m = within(
+            d.drain,
+            Duration::ZERO,
+            "drain",
+            cluster.drain(name, d.drain),
+        )
+        .await?;
+        emit("drain", Phase::Done, t, d.drain, m);
+        let t = Instant::now();
+        let argv = hook.render(&Vars::for_node(node, &run));
+        let log = opts.log_dir.join(format!("{name}.rollback.log"));
+        hooks::run(&argv, &log, d.rollback)
+            .await
+            .map_err(|e| e.to_string())?;
+        emit(
+            "rollback-hook",
+            Phase::Done,
+            t,
+            d.rollback,
+            format!("{} exited 0", argv.join(" ")),
+        );
+        if let Some((k, _)) = &inv.cilium.node_label {
+            let t = Instant::now();
+            let m = within(d.api, Duration::ZERO, "unlabel", cluster.unlabel(name, k)).await?;
+            emit("unlabel", Phase::Done, t, d.api, m);
+        }
+        let t = Instant::now();
+        let m = within(
+            d.node_ready,
+            Duration::ZERO,
+            "wait-ready",
+            cluster.wait_ready(name, d.node_ready),
+        )
+        .await?;
+        emit("wait-ready", Phase::Done, t, d.node_ready, m);
+        let t = Instant::now();
+        let m = within(d.api, Duration::ZERO, "uncordon", cluster.uncordon(name)).await?;
+        emit("uncordon", Phase::Done, t, d.api, m);
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            cluster
+                .record(
+                    name,
+                    "rollback",
+                    true,
+                    "rolled back to Flannel by cnishift rollback",
+                )
+                .await;
+            journal
+                .append(Record::Done {
+                    node: Some(node.name.clone()),
+                    step: "rollback".into(),
+                    time: journal::now(),
+                    detail: "back on Flannel".into(),
+                })
+                .map_err(io)?;
+            journal
+                .append(Record::RolledBack {
+                    node: node.name.clone(),
+                    time: journal::now(),
+                    outcome: "cnishift rollback".into(),
+                })
+                .map_err(io)
+        }
+        Err(cause) => {
+            cluster.record(name, "rollback", false, &cause).await;
+            let _ = journal.append(Record::Failed {
+                node: Some(node.name.clone()),
+                step: "rollback".into(),
+                time: journal::now(),
+                cause: cause.clone(),
+            });
+            Err(cause)
+        }
     }
 }
 
@@ -1235,6 +1361,12 @@ mod tests {
                 assert_eq!(h.cause, cause);
             }
             assert_eq!(h.resume, "cnishift migrate -i /x/cluster.toml");
+            let last = r.events.last().unwrap();
+            assert_eq!(
+                (&last.phase, last.node.as_deref()),
+                (&Phase::Halted, Some("raccoon00"))
+            );
+            assert_eq!(last.detail, h.to_string());
             assert_eq!(
                 h.rollback.as_deref(),
                 Some("cnishift rollback -i /x/cluster.toml raccoon00")
@@ -1536,129 +1668,5 @@ mod tests {
         assert_eq!(d.detail, "run sh -c just nix deploy raccoon00");
         let j = Journal::open(dir.path(), &inv, Accept::default(), "x").unwrap();
         assert_eq!(j.records.len(), 1, "only the header this test's open wrote");
-    }
-}
-
-/// `cnishift rollback NODE`: cordon, drain, `[hooks] rollback`, remove the
-/// label, wait Ready on Flannel, uncordon; journaled like a step (an intent
-/// for `rollback`, then done or failed, and on success a rolled-back record
-/// so that a later `migrate` starts the node over).
-pub async fn rollback_node<C: Cluster>(
-    inv: &Inventory,
-    cluster: &C,
-    opts: &Options,
-    journal: &mut Journal,
-    node: &Node,
-    sink: &mut dyn FnMut(&Event),
-) -> Result<(), Cause> {
-    let Some(hook) = &inv.hooks.rollback else {
-        return Err("[hooks] rollback is not set".into());
-    };
-    let io = |e: std::io::Error| format!("cannot write the journal: {e}");
-    journal
-        .append(Record::Intent {
-            node: Some(node.name.clone()),
-            step: "rollback".into(),
-            time: journal::now(),
-        })
-        .map_err(io)?;
-    let d = &inv.deadlines;
-    let name = node.name.as_str();
-    let run = journal.run.clone();
-    let mut emit =
-        |step: &str, phase: Phase, started: Instant, deadline: Duration, detail: String| {
-            sink(&Event {
-                time: journal::now(),
-                run: run.clone(),
-                node: Some(name.to_string()),
-                step: step.to_string(),
-                phase,
-                elapsed_ms: ms(started.elapsed()),
-                deadline_ms: Some(ms(deadline)),
-                detail,
-            })
-        };
-    let result: Result<(), Cause> = async {
-        let t = Instant::now();
-        let m = within(d.api, Duration::ZERO, "cordon", cluster.cordon(name)).await?;
-        emit("cordon", Phase::Done, t, d.api, m);
-        let t = Instant::now();
-        let m = within(
-            d.drain,
-            Duration::ZERO,
-            "drain",
-            cluster.drain(name, d.drain),
-        )
-        .await?;
-        emit("drain", Phase::Done, t, d.drain, m);
-        let t = Instant::now();
-        let argv = hook.render(&Vars::for_node(node, &run));
-        let log = opts.log_dir.join(format!("{name}.rollback.log"));
-        hooks::run(&argv, &log, d.rollback)
-            .await
-            .map_err(|e| e.to_string())?;
-        emit(
-            "rollback-hook",
-            Phase::Done,
-            t,
-            d.rollback,
-            format!("{} exited 0", argv.join(" ")),
-        );
-        if let Some((k, _)) = &inv.cilium.node_label {
-            let t = Instant::now();
-            let m = within(d.api, Duration::ZERO, "unlabel", cluster.unlabel(name, k)).await?;
-            emit("unlabel", Phase::Done, t, d.api, m);
-        }
-        let t = Instant::now();
-        let m = within(
-            d.node_ready,
-            Duration::ZERO,
-            "wait-ready",
-            cluster.wait_ready(name, d.node_ready),
-        )
-        .await?;
-        emit("wait-ready", Phase::Done, t, d.node_ready, m);
-        let t = Instant::now();
-        let m = within(d.api, Duration::ZERO, "uncordon", cluster.uncordon(name)).await?;
-        emit("uncordon", Phase::Done, t, d.api, m);
-        Ok(())
-    }
-    .await;
-    match result {
-        Ok(()) => {
-            cluster
-                .record(
-                    name,
-                    "rollback",
-                    true,
-                    "rolled back to Flannel by cnishift rollback",
-                )
-                .await;
-            journal
-                .append(Record::Done {
-                    node: Some(node.name.clone()),
-                    step: "rollback".into(),
-                    time: journal::now(),
-                    detail: "back on Flannel".into(),
-                })
-                .map_err(io)?;
-            journal
-                .append(Record::RolledBack {
-                    node: node.name.clone(),
-                    time: journal::now(),
-                    outcome: "cnishift rollback".into(),
-                })
-                .map_err(io)
-        }
-        Err(cause) => {
-            cluster.record(name, "rollback", false, &cause).await;
-            let _ = journal.append(Record::Failed {
-                node: Some(node.name.clone()),
-                step: "rollback".into(),
-                time: journal::now(),
-                cause: cause.clone(),
-            });
-            Err(cause)
-        }
     }
 }
