@@ -297,3 +297,185 @@ fn pause_and_resume_set_and_clear_the_annotation_on_the_migration_lease() {
         "{l}"
     );
 }
+
+#[test]
+fn rollback_cordons_drains_runs_the_hook_unlabels_waits_and_uncordons_journaled() {
+    let s = setup("[\"true\"]");
+    let inv = s.path("cluster.toml");
+    let marker = s.path("rolled-back");
+    let t = std::fs::read_to_string(&inv).unwrap().replace(
+        "[hooks]\n",
+        &format!(
+            "[cilium]\nnode_label = \"cnishift.io/cni=cilium\"\n\n[hooks]\nrollback = [\"sh\", \"-c\", \"echo {{node}} {{role}} > {}\"]\n",
+            marker.display()
+        ),
+    );
+    std::fs::write(&inv, t).unwrap();
+    let o = s.run(&["rollback", "raccoon00"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "raccoon00 worker\n"
+    );
+    let n = s.api.node("raccoon00").unwrap();
+    assert!(
+        n["spec"]["unschedulable"].is_null() || n["spec"]["unschedulable"] == false,
+        "{n}"
+    );
+    assert!(
+        n["metadata"]["labels"].get("cnishift.io/cni").is_none(),
+        "{n}"
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.ends_with("raccoon00 is back on Flannel\n"), "{out}");
+    let journal = std::fs::read_to_string(s.path("state/cnishift/lab/journal.jsonl")).unwrap();
+    let types: Vec<&str> = journal
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            match v["rec"]["type"].as_str().unwrap() {
+                "header" => "header",
+                "intent" => "intent",
+                "done" => "done",
+                "rolled-back" => "rolled-back",
+                other => panic!("{other}"),
+            }
+        })
+        .collect();
+    assert_eq!(types, ["header", "intent", "done", "rolled-back"]);
+    let reasons: Vec<String> = s
+        .api
+        .events_about("Node", "raccoon00")
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "MigrationCordoned",
+            "MigrationDrainStarted",
+            "MigrationDrained",
+            "MigrationNodeReady",
+            "MigrationUncordoned",
+            "MigrationRollback"
+        ]
+    );
+    assert!(
+        s.api.lease("kube-system", "cnishift-migration").is_none(),
+        "lock released"
+    );
+}
+
+#[test]
+fn a_rollback_whose_hook_fails_stops_there_leaves_the_node_cordoned_and_says_why() {
+    let s = setup("[\"true\"]");
+    let inv = s.path("cluster.toml");
+    let t = std::fs::read_to_string(&inv).unwrap().replace(
+        "[hooks]\n",
+        "[hooks]\nrollback = [\"sh\", \"-c\", \"echo no flake for {node} >&2; exit 4\"]\n",
+    );
+    std::fs::write(&inv, t).unwrap();
+    let o = s.run(&["rollback", "raccoon01"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("rollback of raccoon01 failed: sh exited with status 4 (log ")
+            && err.contains("no flake for raccoon01"),
+        "{err}"
+    );
+    assert_eq!(
+        s.api.node("raccoon01").unwrap()["spec"]["unschedulable"],
+        true
+    );
+}
+
+#[test]
+fn the_migration_operations_against_the_api_label_repod_and_pause() {
+    use cnishift::kube::Kube;
+    use cnishift::migrate::live::KubeCluster;
+    use cnishift::migrate::steps::{Cluster, Control};
+    use cnishift_lab::apiserver::{Owner, Pod};
+    use std::time::Duration;
+
+    let s = setup("[\"true\"]");
+    let url = String::from_utf8_lossy(&std::fs::read(s.path("kubeconfig")).unwrap())
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("server: ")
+                .map(|u| u.trim().to_string())
+        })
+        .unwrap();
+    s.api.add_daemonset_with_pods(
+        "kube-system",
+        "svclb",
+        json!({"app": "svclb"}),
+        &["raccoon00"],
+        true,
+    );
+    s.api.add_pod(Pod {
+        ns: "kube-system",
+        name: "kube-proxy-static",
+        node: "raccoon00",
+        owner: Owner::Mirror,
+        labels: json!({}),
+        ready: true,
+        empty_dir: false,
+    });
+    let inv =
+        cnishift::inventory::Inventory::load(&s.path("cluster.toml"), Default::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let kube = Kube::for_url(&url, Duration::from_secs(2)).unwrap();
+        assert!(kube
+            .label_node("raccoon00", "cnishift.io/cni", "cilium")
+            .await
+            .unwrap());
+        assert!(
+            !kube
+                .label_node("raccoon00", "cnishift.io/cni", "cilium")
+                .await
+                .unwrap(),
+            "idempotent"
+        );
+        assert_eq!(
+            s.api.node("raccoon00").unwrap()["metadata"]["labels"]["cnishift.io/cni"],
+            "cilium"
+        );
+        let n = kube
+            .repod(
+                "raccoon00",
+                Duration::from_secs(3),
+                Duration::from_millis(50),
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "the DaemonSet pod, not the mirror pod");
+        assert!(s
+            .api
+            .daemon_pod_on("kube-system", "svclb", "raccoon00")
+            .is_none());
+        assert!(s.api.pod("kube-system", "kube-proxy-static").is_some());
+
+        let cluster = KubeCluster {
+            kube: &kube,
+            inv: &inv,
+            guard: None,
+            identity: "test".into(),
+        };
+        s.api.put_lease(
+            "kube-system",
+            "cnishift-migration",
+            json!({"holderIdentity": "test"}),
+        );
+        assert_eq!(cluster.control().await.unwrap(), Control::Run);
+        kube.set_paused("kube-system", "cnishift-migration", Some("me".into()))
+            .await
+            .unwrap();
+        assert_eq!(cluster.control().await.unwrap(), Control::Paused);
+        kube.set_paused("kube-system", "cnishift-migration", None)
+            .await
+            .unwrap();
+        assert_eq!(cluster.control().await.unwrap(), Control::Run);
+    });
+}
