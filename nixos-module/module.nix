@@ -50,6 +50,30 @@ let
     "/run/flannel"
     "/var/lib/cni"
   ];
+
+  # The dead-man rollback, run by cnishift-rollback@<generation>.service
+  # (declared below, outside the agent's unit) with the generation number as
+  # its argument (%i): set the system profile back to that generation, then
+  # activate it. Anything but digits is refused before a file is looked at.
+  rollbackScript = pkgs.writeShellScript "cnishift-rollback" ''
+    set -eu
+    generation=''${1-}
+    case "$generation" in
+      "" | *[!0-9]*)
+        echo "cnishift-rollback: refusing generation '$generation': it must be digits only" >&2
+        exit 2
+        ;;
+    esac
+    link=/nix/var/nix/profiles/system-$generation-link
+    if [ ! -e "$link" ]; then
+      echo "cnishift-rollback: no system generation $generation: $link does not exist" >&2
+      exit 1
+    fi
+    system=$(${pkgs.coreutils}/bin/readlink -f "$link")
+    echo "cnishift-rollback: setting the system profile back to generation $generation ($system)"
+    ${config.nix.package}/bin/nix-env --profile /nix/var/nix/profiles/system --set "$system"
+    exec "$system/bin/switch-to-configuration" switch
+  '';
 in
 {
   options.services.cnishift-agent = {
@@ -108,12 +132,24 @@ in
 
     rollback.command = mkOption {
       type = types.str;
-      default = "{armed_system}/bin/switch-to-configuration switch";
+      default = "systemctl start --wait cnishift-rollback@{generation}.service";
       description = ''
-        Command the dead-man rollback runs when a switched node is not confirmed in time.
-        `{armed_system}` is the /run/current-system the agent recorded when the switch was
-        armed, so the default switches back to the NixOS generation current at that moment.
+        Command the dead-man rollback runs when a switched node is not confirmed in time
+        (handed to the agent as CNISHIFT_ROLLBACK_COMMAND). `{generation}` is the number of
+        the NixOS system generation that was current when the switch was armed (digits only,
+        from /nix/var/nix/profiles/system -> system-N-link) and `{node}` the node name. The
+        default starts the `cnishift-rollback@` unit this module declares and waits for it:
+        the rollback runs there, outside the agent's hardened unit, and its result is the
+        rollback's outcome.
       '';
+    };
+
+    rollback.script = mkOption {
+      type = types.package;
+      readOnly = true;
+      internal = true;
+      default = rollbackScript;
+      description = "The script `cnishift-rollback@<generation>.service` runs (read-only; for inspection).";
     };
 
     stateDir = mkOption {
@@ -140,8 +176,12 @@ in
         wantedBy = [ "multi-user.target" ];
         after = [ "network-online.target" ];
         wants = [ "network-online.target" ];
-        # ip for interface cleanup, iptables-save/-restore for chains, modprobe for remediation.
-        path = [ pkgs.iproute2 pkgs.iptables pkgs.kmod ];
+        # ip for interface cleanup, iptables-save/-restore for chains, modprobe for remediation,
+        # systemctl for the rollback command's default. Starting cnishift-rollback@ needs no
+        # new capability or writable path: systemctl asks systemd over its unix socket
+        # (AF_UNIX is in RestrictAddressFamilies below; connecting to a socket is not a write
+        # that ProtectSystem=strict blocks), and systemd lets root start units.
+        path = [ pkgs.iproute2 pkgs.iptables pkgs.kmod config.systemd.package ];
         environment.CNISHIFT_ROLLBACK_COMMAND = cfg.rollback.command;
         serviceConfig = {
           ExecStart = lib.escapeShellArgs ([ "${cfg.package}/bin/cnishift-agent" ] ++ serveArgs);
@@ -177,6 +217,28 @@ in
         };
       };
       networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
+
+      # The dead-man rollback runs here, not in the agent's unit: the agent's
+      # unit cannot change the system (ProtectSystem=strict), and
+      # switch-to-configuration may restart cnishift-agent.service, which would
+      # kill a child of the agent half-way through. The instance (%i) is the
+      # generation number; the agent starts it with its rollback command
+      # (`systemctl start --wait`), and the unit's result is the outcome.
+      # Not hardened (it switches the whole system), not wanted by any target:
+      # it runs only when the agent starts it.
+      systemd.services."cnishift-rollback@" = {
+        description = "cnishift dead-man rollback to NixOS system generation %i";
+        # The switch this unit runs must not restart the unit running it.
+        restartIfChanged = false;
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = "${cfg.rollback.script} %i";
+          # A hung activation ends as a failed unit, which the agent reports. Shorter than
+          # the agent's own bound on the command (--rollback-timeout, 5 min by default), so
+          # `systemctl start --wait` returns the unit's result before the agent gives up.
+          TimeoutStartSec = "4min";
+        };
+      };
     })
 
     (mkIf prereq.enable {

@@ -145,11 +145,8 @@ pub fn plan(report: &Report, host: &HostPaths, force: bool, live: bool) -> Plan 
         }),
         _ => {}
     }
-    // The directory containerd reads: /etc/cni/net.d once Flannel is off (k3s
-    // servers) or whenever it holds a valid config (agents follow the server).
-    let etc_active =
-        matches!(flags, Some(fl) if fl.flannel_backend == "none") || f.cni.etc.winner.is_some();
-    let active = if etc_active { &f.cni.etc } else { &f.cni.k3s };
+    // The directory containerd reads: the policy's one rule.
+    let (active, _) = crate::policy::active_cni_dir(f);
     if let Some(w) = &active.winner {
         let file = active.files.iter().find(|x| &x.name == w);
         if file.is_some_and(|x| x.is_flannel()) {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use cnishift_agent::host::HostPaths;
-use cnishift_agent::{cleanup, remediate, render, report, server, tls};
+use cnishift_agent::{cleanup, policy, remediate, render, report, rollback, server, tls};
 
 /// Exit codes (also in the README).
 const EXIT_READY: u8 = 0;
@@ -64,6 +64,20 @@ enum Command {
     Cleanup(CleanupArgs),
     /// Put back the files of a cleanup backup (`cnishift-agent cleanup --apply` prints its id).
     Restore(RestoreArgs),
+    /// The dead-man rollback's state, read from disk (works while `serve` is down).
+    #[command(
+        after_help = "Exit codes: 0 shown (nothing failed), 1 the last rollback failed or was interrupted, 2 unreadable state."
+    )]
+    ArmState(ArmStateArgs),
+}
+
+#[derive(clap::Args)]
+struct ArmStateArgs {
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/cnishift-agent")]
+    state_dir: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -147,6 +161,17 @@ struct ServeArgs {
     /// How often to look for rotated certificate files.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     reload_interval: std::time::Duration,
+    /// What the dead-man rollback runs when a switch is not confirmed in time:
+    /// a command template with {node} and {generation} (the NixOS system
+    /// generation current when armed). Default on NixOS:
+    /// `systemctl start --wait cnishift-rollback@{generation}.service`
+    /// (the unit the NixOS module declares); elsewhere arming is refused
+    /// without one.
+    #[arg(long, value_name = "TEMPLATE", env = "CNISHIFT_ROLLBACK_COMMAND")]
+    rollback_command: Option<String>,
+    /// How long one run of the rollback action may take before it is killed.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    rollback_timeout: std::time::Duration,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -174,8 +199,19 @@ struct ReportArgs {
     /// List passing checks too (the table shows only counts for them by default).
     #[arg(long)]
     all: bool,
+    /// Judge the node as not migrated yet (flannel) or migrated (cilium);
+    /// default: readiness for Cilium only.
+    #[arg(long, value_enum, default_value_t = ExpectArg::Unspecified)]
+    expect: ExpectArg,
     #[command(flatten)]
     host: HostArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExpectArg {
+    Unspecified,
+    Flannel,
+    Cilium,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -198,7 +234,63 @@ fn main() -> ExitCode {
         Command::Remediate(args) => run_remediate(args),
         Command::Cleanup(args) => run_cleanup(args),
         Command::Restore(args) => run_restore(args),
+        Command::ArmState(args) => run_arm_state(args),
     }
+}
+
+fn run_arm_state(args: ArmStateArgs) -> ExitCode {
+    let record = match rollback::load(&args.state_dir) {
+        Ok(r) => r,
+        Err(e) => return agent_error(e),
+    };
+    // Remaining time is only meaningful in the boot that armed.
+    let host = HostPaths::system();
+    let same_boot = |r: &rollback::Record| {
+        host.read_trimmed(rollback::BOOT_ID)
+            .map(|b| b == r.boot_id)
+            .unwrap_or(false)
+    };
+    let view = match &record {
+        Some(r) => {
+            let mut v = r.view(rollback::boottime_ns());
+            if v.armed && !same_boot(r) {
+                v.remaining_ms = r.timeout_ms;
+                v.message = format!(
+                    "{} (armed in another boot: the serving agent restarts the whole countdown)",
+                    v.message
+                );
+            }
+            v
+        }
+        None => rollback::View {
+            message: format!("never armed (no {})", args.state_dir.join(rollback::STATE_FILE).display()),
+            ..Default::default()
+        },
+    };
+    match args.output {
+        Output::Json => match serde_json::to_string_pretty(&view) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return agent_error(e),
+        },
+        Output::Table => {
+            println!("armed:     {}", view.armed);
+            if !view.run_id.is_empty() {
+                println!("run:       {}", view.run_id);
+                println!("remaining: {} ms of {} ms", view.remaining_ms, view.timeout_ms);
+                println!("target:    {}", view.target);
+                println!("outcome:   {}", if view.outcome.is_empty() { "-" } else { &view.outcome });
+                println!("attempts:  {}", view.attempts);
+                if view.rebooted_while_armed {
+                    println!("rebooted while armed: yes");
+                }
+            }
+            println!("{}", view.message);
+            if !view.output_tail.is_empty() {
+                println!("--- output (tail) ---\n{}", view.output_tail.trim_end());
+            }
+        }
+    }
+    ExitCode::from(if matches!(view.outcome.as_str(), "failed" | "interrupted") { 1 } else { 0 })
 }
 
 /// The agent itself could not run: say why on stderr, exit 2.
@@ -212,7 +304,12 @@ fn run_report(args: ReportArgs) -> ExitCode {
         Ok(o) => o,
         Err(e) => return agent_error(e),
     };
-    let r = report::build(&opts);
+    let expect = match args.expect {
+        ExpectArg::Unspecified => policy::Expect::Unspecified,
+        ExpectArg::Flannel => policy::Expect::Flannel,
+        ExpectArg::Cilium => policy::Expect::Cilium,
+    };
+    let r = report::build_expecting(&opts, expect);
     let text = match (args.json, args.output) {
         (true, _) | (_, Output::Json) => match serde_json::to_string_pretty(&r) {
             Ok(j) => j + "\n",
@@ -253,6 +350,22 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
+    // A bad rollback template is refused now, not at the deadline.
+    if let Some(t) = &args.rollback_command {
+        if let Err(e) = rollback::parse_template(t) {
+            return fail(format!("--rollback-command: {e}"));
+        }
+    }
+    let switch = match rollback::Switch::open(rollback::Config {
+        state_dir: args.state_dir.clone(),
+        host: opts.host.clone(),
+        node: opts.node_name.clone(),
+        command: args.rollback_command.clone().filter(|c| !c.trim().is_empty()),
+        action_timeout: args.rollback_timeout,
+    }) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("the rollback state: {e}")),
+    };
     // One worker thread: the agent is idle almost always and must stay small
     // on a 4 GB Pi; reports run on the blocking pool.
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -279,6 +392,7 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             report: std::sync::Arc::new(opts),
             coordinator_identity: args.coordinator_identity,
             state_dir: args.state_dir,
+            rollback: switch,
         };
         server::serve(listener, live, service, shutdown_signal())
             .await

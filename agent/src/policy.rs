@@ -180,7 +180,25 @@ fn pass(id: impl Into<String>, message: impl Into<String>) -> Check {
 }
 
 /// Judges every fact. The order of the result is the order of the report.
+/// Which network the node is expected to be on, so the same facts get the
+/// right verdicts at either time (the wire's `Expectation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
+    /// Readiness for Cilium only (the preflight): Cilium's absence is fine.
+    #[default]
+    Unspecified,
+    /// Not migrated yet: k3s must still run Flannel here.
+    Flannel,
+    /// Migrated: Cilium must be the CNI containerd loads, and healthy.
+    Cilium,
+}
+
 pub fn evaluate(f: &Facts) -> Vec<Check> {
+    evaluate_expecting(f, Expect::Unspecified)
+}
+
+pub fn evaluate_expecting(f: &Facts, expect: Expect) -> Vec<Check> {
     let mut out = Vec::new();
     kernel(f, &mut out);
     kernel_config(f, &mut out);
@@ -189,7 +207,9 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
     sysctls(f, &mut out);
     network(f, &mut out);
     cni(f, &mut out);
-    k3s(f, &mut out);
+    k3s(f, expect, &mut out);
+    k3s_network_check(f, expect, &mut out);
+    cilium(f, expect, &mut out);
     iptables(f, &mut out);
     resources(f, &mut out);
     out
@@ -699,20 +719,111 @@ fn network(f: &Facts, out: &mut Vec<Check>) {
     }
 }
 
-/// The CNI directory containerd reads: k3s switches it to /etc/cni/net.d when
-/// Flannel is disabled.
-fn active_cni_dir(f: &Facts) -> &cni_files::CniDir {
+/// Which CNI directory containerd reads, and how we know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CniDirSource {
+    /// k3s's generated containerd config (what the *running* k3s uses).
+    Containerd,
+    /// k3s's flags (process, config, unit): what k3s uses when it starts.
+    Flags,
+    /// Nothing says: k3s's own directory (Flannel's) when it exists.
+    Default,
+}
+
+/// Whether the running k3s uses Flannel, as far as the node shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum K3sNetwork {
+    Flannel,
+    NoFlannel,
+    Unknown,
+}
+
+/// THE rule for which CNI directory containerd reads — the report's
+/// `cni.active` and cleanup's interlocks both use it, so they can never
+/// judge different directories.
+///
+/// k3s writes containerd's config each time it starts: with Flannel its
+/// `conf_dir` is `<data-dir>/agent/etc/cni/net.d`, with
+/// `--flannel-backend=none` containerd's default `/etc/cni/net.d` (bin
+/// `/opt/cni/bin`). That generated file is the best witness (it is also the
+/// only one on an agent, which takes the backend from its server); without
+/// it, the flags k3s runs (or will start) with; without those, k3s's own
+/// directory when it exists (Flannel is k3s's default).
+pub fn active_cni_dir(f: &Facts) -> (&cni_files::CniDir, CniDirSource) {
+    let etc = format!("/{}", cni_files::ETC_CNI_DIR);
+    let k3s = format!("/{}", cni_files::K3S_CNI_DIR);
+    let c = &f.cni.containerd;
+    if c.error.is_none() {
+        match c.conf_dir.as_deref().map(|d| d.trim_end_matches('/')) {
+            Some(d) if d == etc => return (&f.cni.etc, CniDirSource::Containerd),
+            Some(d) if d == k3s => return (&f.cni.k3s, CniDirSource::Containerd),
+            _ => {}
+        }
+    }
     let flags = f.k3s.effective.as_ref().or(f.k3s.after_restart.as_ref());
     match flags {
-        Some(fl) if fl.flannel_backend == "none" => &f.cni.etc,
-        Some(_) => &f.cni.k3s,
-        None if f.cni.k3s.exists => &f.cni.k3s,
-        None => &f.cni.etc,
+        Some(fl) if fl.flannel_backend == "none" => (&f.cni.etc, CniDirSource::Flags),
+        Some(_) => (&f.cni.k3s, CniDirSource::Flags),
+        None if f.cni.k3s.exists => (&f.cni.k3s, CniDirSource::Default),
+        None => (&f.cni.etc, CniDirSource::Default),
+    }
+}
+
+/// What the running k3s uses, from its generated containerd config (the
+/// flags of a k3s *server* when that file is not there).
+pub fn k3s_network(f: &Facts) -> (K3sNetwork, String) {
+    let c = &f.cni.containerd;
+    if let Some(e) = &c.error {
+        return (K3sNetwork::Unknown, e.clone());
+    }
+    let etc = format!("/{}", cni_files::ETC_CNI_DIR);
+    let k3s = format!("/{}", cni_files::K3S_CNI_DIR);
+    match c.conf_dir.as_deref().map(|d| d.trim_end_matches('/')) {
+        Some(d) if d == etc => {
+            return (
+                K3sNetwork::NoFlannel,
+                format!("k3s's containerd reads {etc} ({})", c.path),
+            )
+        }
+        Some(d) if d == k3s => {
+            return (
+                K3sNetwork::Flannel,
+                format!("k3s's containerd reads {k3s}, Flannel's ({})", c.path),
+            )
+        }
+        Some(d) => {
+            return (
+                K3sNetwork::Unknown,
+                format!("k3s's containerd reads {d}, a directory k3s does not use by itself ({})", c.path),
+            )
+        }
+        None if c.present => {
+            return (
+                K3sNetwork::Unknown,
+                format!("{} has no CNI conf_dir", c.path),
+            )
+        }
+        None => {}
+    }
+    use crate::probe::k3s::Role;
+    match (f.k3s.role, f.k3s.effective.as_ref()) {
+        (Some(Role::Server), Some(e)) if e.flannel_backend == "none" => (
+            K3sNetwork::NoFlannel,
+            "the k3s server process runs with flannel-backend=none".into(),
+        ),
+        (Some(Role::Server), Some(e)) => (
+            K3sNetwork::Flannel,
+            format!("the k3s server process runs with flannel-backend={}", e.flannel_backend),
+        ),
+        _ => (
+            K3sNetwork::Unknown,
+            format!("{} does not exist and the running k3s's backend cannot be seen", c.path),
+        ),
     }
 }
 
 fn cni(f: &Facts, out: &mut Vec<Check>) {
-    let dir = active_cni_dir(f);
+    let (dir, _) = active_cni_dir(f);
     out.push(match (&dir.winner, &dir.error) {
         (_, Some(e)) => check(
             "cni.active",
@@ -802,9 +913,15 @@ fn cni(f: &Facts, out: &mut Vec<Check>) {
     }
 }
 
-fn k3s(f: &Facts, out: &mut Vec<Check>) {
+fn k3s(f: &Facts, expect: Expect, out: &mut Vec<Check>) {
     use crate::probe::k3s::Role;
     let k = &f.k3s;
+    // Migrated, a server must run without Flannel: a warning before is a failure after.
+    let not_yet = if expect == Expect::Cilium {
+        Verdict::Fail
+    } else {
+        Verdict::Warn
+    };
     let flags_fix = Some("services.k3s.extraFlags = [ \"--flannel-backend=none\" \"--disable-network-policy\" ]; (or services.cnishift.ciliumPrerequisites.enable = true;)".to_string());
     let errs = errs_suffix(&k.errors);
     let msg = match (k.role, k.effective.as_ref().or(k.after_restart.as_ref())) {
@@ -819,7 +936,7 @@ fn k3s(f: &Facts, out: &mut Vec<Check>) {
             if pending.is_empty() {
                 pass("k3s.flags", format!("k3s server runs with --flannel-backend=none --disable-network-policy{errs}"))
             } else {
-                check("k3s.flags", Verdict::Warn, format!("k3s server runs without Flannel{pending}{errs}"), flags_fix)
+                check("k3s.flags", not_yet, format!("k3s server runs without Flannel{pending}{errs}"), flags_fix)
             }
         }
         (Some(Role::Server), Some(e)) => {
@@ -829,7 +946,7 @@ fn k3s(f: &Facts, out: &mut Vec<Check>) {
             };
             check(
                 "k3s.flags",
-                Verdict::Warn,
+                not_yet,
                 format!(
                     "k3s server still runs Flannel (flannel-backend={}, network policy controller {}){pending}{errs}",
                     e.flannel_backend,
@@ -840,6 +957,108 @@ fn k3s(f: &Facts, out: &mut Vec<Check>) {
         }
     };
     out.push(msg);
+}
+
+/// `k3s.network`: does the running k3s use Flannel? Before its turn a node
+/// must (a k3s agent that restarted while the servers disagreed may have come
+/// up without it); after, it must not.
+fn k3s_network_check(f: &Facts, expect: Expect, out: &mut Vec<Check>) {
+    let (net, how) = k3s_network(f);
+    let id = "k3s.network";
+    out.push(match (net, expect) {
+        (K3sNetwork::Unknown, _) => check(id, Verdict::Warn, format!("cannot tell whether k3s runs Flannel: {how}"), None),
+        (K3sNetwork::Flannel, Expect::Cilium) => check(
+            id,
+            Verdict::Fail,
+            format!("k3s still runs Flannel: {how}"),
+            Some("deploy the node with --flannel-backend=none (servers) and restart k3s".into()),
+        ),
+        (K3sNetwork::NoFlannel, Expect::Flannel) => check(
+            id,
+            Verdict::Fail,
+            format!("k3s on this node runs without Flannel before its migration: {how}; a k3s agent takes the backend from the server that answered when it started, so it came up while the servers disagreed"),
+            Some("migrate this node next (its pods have no network until Cilium runs here), or restart k3s once every server agrees".into()),
+        ),
+        (K3sNetwork::Flannel, _) => pass(id, format!("k3s runs Flannel: {how}")),
+        (K3sNetwork::NoFlannel, _) => pass(id, format!("k3s runs without Flannel: {how}")),
+    });
+}
+
+/// What a migrated node looks like: Cilium's conflist is what containerd
+/// loads, its devices are up, Cilium itself says Ok, no pod is left on cni0.
+fn cilium(f: &Facts, expect: Expect, out: &mut Vec<Check>) {
+    let after = expect == Expect::Cilium;
+    let h = &f.cilium;
+    let sock = &h.socket;
+    out.push(match (&h.cilium, &h.error) {
+        (_, Some(e)) => check("cilium.health", Verdict::Fail, format!("{e} ({sock})"), Some("look at the cilium pod on this node: kubectl -n kube-system logs ds/cilium".into())),
+        (Some(c), None) => {
+            let cluster = h
+                .cluster_health
+                .as_ref()
+                .filter(|c| c.state != "Ok")
+                .map(|c| format!("; cluster health: {} {}", c.state, c.msg))
+                .unwrap_or_default();
+            let msg = |what: &str| {
+                format!("Cilium says {what}{}{cluster} (GET /v1/healthz on {sock}, {} ms)", if c.msg.is_empty() { String::new() } else { format!(": {}", c.msg) }, h.elapsed_ms)
+            };
+            match c.state.as_str() {
+                "Ok" if cluster.is_empty() => pass("cilium.health", msg("Ok")),
+                "Ok" => check("cilium.health", Verdict::Warn, msg("Ok"), Some("cilium-health status on this node shows which peers it cannot reach".into())),
+                "Failure" => check("cilium.health", Verdict::Fail, msg("Failure"), Some("look at the cilium pod on this node: kubectl -n kube-system logs ds/cilium".into())),
+                other => check("cilium.health", Verdict::Warn, msg(other), Some("cilium status --verbose on this node says which subsystem is degraded".into())),
+            }
+        }
+        (None, None) if !h.present && after => check("cilium.health", Verdict::Fail, format!("Cilium's API socket {sock} does not exist: the Cilium agent does not run on this node"), Some("wait for the cilium pod on this node, or look at why it is not scheduled".into())),
+        (None, None) => check("cilium.health", Verdict::Warn, format!("Cilium does not run here yet (no {sock})"), Some("nothing to do before the migration: the Cilium agent starts on this node once it is switched".into())),
+    });
+    if !after {
+        return;
+    }
+    let (dir, _) = active_cni_dir(f);
+    let winner = dir
+        .winner
+        .as_ref()
+        .and_then(|w| dir.files.iter().find(|x| &x.name == w));
+    out.push(match winner {
+        Some(w) if w.is_cilium() => pass("cilium.cni", format!("containerd loads Cilium's {}", w.path)),
+        Some(w) => check("cilium.cni", Verdict::Fail, format!("containerd loads {} ({}), not Cilium's conflist", w.path, w.plugins.join(", ")), Some("the Cilium agent writes 05-cilium.conflist when it starts: check cni.confPath in the Helm values".into())),
+        None => check("cilium.cni", Verdict::Fail, format!("no valid CNI config in {}, the directory containerd reads", dir.path), Some("the Cilium agent writes 05-cilium.conflist when it starts: check cni.confPath in the Helm values".into())),
+    });
+    let n = &f.network;
+    out.push(if let Some(why) = &n.not_probed {
+        check("cilium.interfaces", Verdict::Fail, format!("cannot see the network interfaces ({why})"), None)
+    } else {
+        let bad: Vec<String> = ["cilium_host", "cilium_net"]
+            .iter()
+            .filter_map(|name| match n.cilium_interfaces.get(*name) {
+                Some(i) if i.up => None,
+                Some(_) => Some(format!("{name} is down")),
+                None => Some(format!("{name} is missing")),
+            })
+            .collect();
+        if bad.is_empty() {
+            pass("cilium.interfaces", "cilium_host and cilium_net are up")
+        } else {
+            check("cilium.interfaces", Verdict::Fail, bad.join(", "), Some("the Cilium agent creates them when it starts: look at the cilium pod on this node".into()))
+        }
+    });
+    if n.not_probed.is_none() {
+        out.push(if n.cni0_members.is_empty() {
+            pass("cilium.pods", "no pod interface is left on Flannel's cni0")
+        } else {
+            check(
+                "cilium.pods",
+                Verdict::Fail,
+                format!(
+                    "{} pod interfaces are still on Flannel's cni0 ({}): those pods have no Cilium endpoint",
+                    n.cni0_members.len(),
+                    n.cni0_members.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                ),
+                Some("delete those pods so their controllers recreate them on Cilium".into()),
+            )
+        });
+    }
 }
 
 fn iptables(f: &Facts, out: &mut Vec<Check>) {

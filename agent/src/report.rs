@@ -19,6 +19,10 @@ pub struct Report {
     pub host_root: String,
     /// Probe families not run, with why (e.g. `--no-live-probes`).
     pub skipped_probes: Vec<String>,
+    /// What the verdicts were judged against: `unspecified` (readiness),
+    /// `flannel` (not migrated yet) or `cilium` (migrated).
+    #[serde(default)]
+    pub expect: policy::Expect,
     pub summary: Summary,
     pub checks: Vec<Check>,
     pub facts: Facts,
@@ -46,6 +50,10 @@ pub struct Options {
 }
 
 pub fn build(opts: &Options) -> Report {
+    build_expecting(opts, policy::Expect::Unspecified)
+}
+
+pub fn build_expecting(opts: &Options, expect: policy::Expect) -> Report {
     let options = policy::wanted_options();
     let modules = policy::wanted_modules();
     let wanted = probe::Wanted {
@@ -53,7 +61,7 @@ pub fn build(opts: &Options) -> Report {
         modules: &modules,
     };
     let facts = probe::collect(&opts.host, opts.live, &wanted);
-    let checks = policy::evaluate(&facts);
+    let checks = policy::evaluate_expecting(&facts, expect);
     let mut summary = Summary::default();
     for c in &checks {
         match c.verdict {
@@ -88,6 +96,7 @@ pub fn build(opts: &Options) -> Report {
         },
         host_root: opts.host.root().display().to_string(),
         skipped_probes,
+        expect,
         summary,
         checks,
         facts,

@@ -6,18 +6,25 @@
 //! without a CA-signed, unexpired client certificate.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cnishift_proto::v1::node_agent_server::{NodeAgent, NodeAgentServer};
 use cnishift_proto::v1::{self as pb};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::cleanup;
-use crate::policy::Verdict;
+use crate::dial;
+use crate::policy::{Expect, Verdict};
+use crate::rollback::{self, Refused, Switch};
 use crate::remediate;
 use crate::report::{self, Report};
 use crate::tls::{self, Reloadable};
@@ -33,13 +40,102 @@ pub struct AgentService {
     pub coordinator_identity: String,
     /// Backups and the cleanup journal live here.
     pub state_dir: std::path::PathBuf,
+    /// The dead-man rollback.
+    pub rollback: Arc<Switch>,
+}
+
+/// One accepted mutual-TLS connection, numbered: `Confirm` must come over a
+/// different connection from the one that armed, so each request carries
+/// the number of the connection it came on (in its extensions, via
+/// [`tonic::transport::server::Connected`]).
+pub struct Conn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: ConnInfo,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Unique for the life of this agent process.
+    pub id: u64,
+    pub remote: Option<SocketAddr>,
+    /// The client's verified certificate chain.
+    pub certs: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+}
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+impl Conn {
+    fn new(inner: tokio_rustls::server::TlsStream<TcpStream>) -> Conn {
+        let remote = inner.get_ref().0.peer_addr().ok();
+        let certs = inner
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        Conn {
+            inner,
+            info: ConnInfo {
+                id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+                remote,
+                certs: Arc::new(certs),
+            },
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+fn conn_info<T>(req: &Request<T>) -> Result<&ConnInfo, Status> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))
 }
 
 /// Who is calling, from the verified client certificate.
 fn peer_identity<T>(req: &Request<T>) -> Result<Vec<String>, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let certs = &conn_info(req)?.certs;
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
@@ -75,9 +171,13 @@ impl AgentService {
     }
 
     async fn build_report(&self) -> Result<Report, Status> {
+        self.build_report_expecting(Expect::Unspecified).await
+    }
+
+    async fn build_report_expecting(&self, expect: Expect) -> Result<Report, Status> {
         let opts = self.report.clone();
         let start = std::time::Instant::now();
-        let r = tokio::task::spawn_blocking(move || report::build(&opts))
+        let r = tokio::task::spawn_blocking(move || report::build_expecting(&opts, expect))
             .await
             .map_err(|e| Status::internal(format!("the report task failed: {e}")))?;
         tracing::debug!(elapsed = ?start.elapsed(), checks = r.checks.len(), "report built");
@@ -118,8 +218,50 @@ pub fn plan_proto(node: &str, p: &cleanup::Plan) -> pb::CleanupPlan {
     }
 }
 
+pub fn arm_state_proto(v: &rollback::View) -> pb::ArmState {
+    pb::ArmState {
+        armed: v.armed,
+        run_id: v.run_id.clone(),
+        remaining_ms: v.remaining_ms,
+        rebooted_while_armed: v.rebooted_while_armed,
+        fired: v.fired,
+        outcome: v.outcome.clone(),
+        output_tail: v.output_tail.clone(),
+        message: v.message.clone(),
+        target: v.target.clone(),
+        timeout_ms: v.timeout_ms,
+        attempts: v.attempts,
+    }
+}
+
+fn refused(e: Refused) -> Status {
+    match e {
+        Refused::Invalid(m) => Status::invalid_argument(m),
+        Refused::State(m) => Status::failed_precondition(m),
+        Refused::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+fn expect_from_proto(e: i32) -> Expect {
+    match pb::Expectation::try_from(e) {
+        Ok(pb::Expectation::Flannel) => Expect::Flannel,
+        Ok(pb::Expectation::Cilium) => Expect::Cilium,
+        _ => Expect::Unspecified,
+    }
+}
+
+fn expect_proto(e: Expect) -> pb::Expectation {
+    match e {
+        Expect::Unspecified => pb::Expectation::Unspecified,
+        Expect::Flannel => pb::Expectation::Flannel,
+        Expect::Cilium => pb::Expectation::Cilium,
+    }
+}
+
 pub fn to_proto(r: &Report) -> pb::NodeReport {
     pb::NodeReport {
+        arm_state: None,
+        expect: expect_proto(r.expect) as i32,
         node: r.node.clone(),
         ready: r.ready,
         agent_version: r.agent.version.clone(),
@@ -230,8 +372,84 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<pb::NodeReport>, Status> {
         let names = peer_identity(&req)?;
         tracing::Span::current().record("peer", tracing::field::debug(&names));
-        let r = self.build_report().await?;
-        Ok(Response::new(to_proto(&r)))
+        let r = self
+            .build_report_expecting(expect_from_proto(req.get_ref().expect))
+            .await?;
+        let mut out = to_proto(&r);
+        out.arm_state = Some(arm_state_proto(&self.rollback.view()));
+        Ok(Response::new(out))
+    }
+
+    #[tracing::instrument(skip_all, fields(run = %req.get_ref().run_id))]
+    async fn arm_rollback(
+        &self,
+        req: Request<pb::ArmRequest>,
+    ) -> Result<Response<pb::ArmState>, Status> {
+        self.require_coordinator(&req, cnishift_proto::methods::ARM_ROLLBACK)?;
+        let conn = conn_info(&req)?.id;
+        let r = req.get_ref();
+        let v = self
+            .rollback
+            .arm(&r.run_id, Duration::from_millis(r.timeout_ms), conn)
+            .map_err(refused)?;
+        Ok(Response::new(arm_state_proto(&v)))
+    }
+
+    #[tracing::instrument(skip_all, fields(run = %req.get_ref().run_id))]
+    async fn confirm(
+        &self,
+        req: Request<pb::ConfirmRequest>,
+    ) -> Result<Response<pb::ArmState>, Status> {
+        self.require_coordinator(&req, cnishift_proto::methods::CONFIRM)?;
+        let conn = conn_info(&req)?.id;
+        let v = self
+            .rollback
+            .confirm(&req.get_ref().run_id, conn)
+            .map_err(refused)?;
+        Ok(Response::new(arm_state_proto(&v)))
+    }
+
+    #[tracing::instrument(skip_all, fields(run = %req.get_ref().run_id))]
+    async fn disarm(
+        &self,
+        req: Request<pb::DisarmRequest>,
+    ) -> Result<Response<pb::ArmState>, Status> {
+        self.require_coordinator(&req, cnishift_proto::methods::DISARM)?;
+        let v = self
+            .rollback
+            .disarm(&req.get_ref().run_id)
+            .map_err(refused)?;
+        Ok(Response::new(arm_state_proto(&v)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_arm_state(
+        &self,
+        req: Request<pb::ArmStateRequest>,
+    ) -> Result<Response<pb::ArmState>, Status> {
+        peer_identity(&req)?;
+        Ok(Response::new(arm_state_proto(&self.rollback.view())))
+    }
+
+    #[tracing::instrument(skip_all, fields(address = %req.get_ref().address))]
+    async fn dial_from_node(
+        &self,
+        req: Request<pb::DialRequest>,
+    ) -> Result<Response<pb::DialResult>, Status> {
+        self.require_coordinator(&req, cnishift_proto::methods::DIAL_FROM_NODE)?;
+        let r = req.get_ref();
+        dial::check(&r.address, r.timeout_ms).map_err(Status::invalid_argument)?;
+        let d = dial::dial(&r.address, r.tls, &r.server_name, r.timeout_ms).await;
+        Ok(Response::new(pb::DialResult {
+            ok: d.ok,
+            address: d.address,
+            elapsed_us: d.elapsed_us,
+            error: d.error,
+            peer_subject: d.peer_subject,
+            peer_sans: d.peer_sans,
+            tls_version: d.tls_version,
+            peer_chain_der: d.peer_chain,
+        }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -276,9 +494,7 @@ impl NodeAgent for AgentService {
 async fn accept_loop(
     listener: TcpListener,
     tls: Reloadable,
-    tx: mpsc::Sender<
-        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
-    >,
+    tx: mpsc::Sender<Result<Conn, std::io::Error>>,
 ) {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -299,7 +515,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let _ = tx.send(Ok(stream)).await;
+                    let _ = tx.send(Ok(Conn::new(stream))).await;
                 }
                 Ok(Err(e)) => {
                     tracing::info!(%peer, "refused a connection: TLS handshake failed: {e}")
@@ -322,6 +538,7 @@ pub async fn serve(
     let local: Option<SocketAddr> = listener.local_addr().ok();
     let (tx, rx) = mpsc::channel(256);
     let acceptor = tokio::spawn(accept_loop(listener, tls, tx));
+    let deadman = tokio::spawn(service.rollback.clone().run());
     tracing::info!(?local, node = %service.report.node_name, "serving cnishift.v1.NodeAgent over mutual TLS");
     let svc = NodeAgentServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let result = tonic::transport::Server::builder()
@@ -329,5 +546,6 @@ pub async fn serve(
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await;
     acceptor.abort();
+    deadman.abort();
     result
 }

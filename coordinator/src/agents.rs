@@ -193,6 +193,17 @@ pub async fn get_report(
     tls: &ClientTls,
     deadlines: &Deadlines,
 ) -> Result<pb::NodeReport, CallError> {
+    get_report_expecting(node, tls, deadlines, pb::Expectation::Unspecified).await
+}
+
+/// The report judged against what the node should be on now: `Flannel`
+/// before its turn, `Cilium` once migrated.
+pub async fn get_report_expecting(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    expect: pb::Expectation,
+) -> Result<pb::NodeReport, CallError> {
     with_client(
         node,
         tls,
@@ -202,7 +213,9 @@ pub async fn get_report(
         |c| async move {
             let report = c
                 .max_decoding_message_size(16 * 1024 * 1024)
-                .get_report(pb::ReportRequest {})
+                .get_report(pb::ReportRequest {
+                    expect: expect as i32,
+                })
                 .await
                 .map_err(|s| status_error(node, s))?
                 .into_inner();
@@ -215,6 +228,99 @@ pub async fn get_report(
             Ok(report)
         },
     )
+    .await
+}
+
+/// Arms the node's dead-man rollback for `run_id` (coordinator identity
+/// only). Idempotent for the same run id.
+pub async fn arm_rollback(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    run_id: &str,
+    timeout: Duration,
+) -> Result<pb::ArmState, CallError> {
+    let req = pb::ArmRequest {
+        run_id: run_id.into(),
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    with_client(node, tls, deadlines, deadlines.report, "arm answer", |mut c| async move {
+        c.arm_rollback(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| status_error(node, s))
+    })
+    .await
+}
+
+/// Confirms the switch of `run_id`. Every call here opens its own
+/// connection, so this is never the connection that armed — which is what the
+/// agent requires as proof the node is still reachable after the switch.
+pub async fn confirm(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    run_id: &str,
+) -> Result<pb::ArmState, CallError> {
+    let req = pb::ConfirmRequest {
+        run_id: run_id.into(),
+    };
+    with_client(node, tls, deadlines, deadlines.report, "confirm answer", |mut c| async move {
+        c.confirm(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| status_error(node, s))
+    })
+    .await
+}
+
+/// Disarms `run_id` (or acknowledges its failed rollback).
+pub async fn disarm(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    run_id: &str,
+) -> Result<pb::ArmState, CallError> {
+    let req = pb::DisarmRequest {
+        run_id: run_id.into(),
+    };
+    with_client(node, tls, deadlines, deadlines.report, "disarm answer", |mut c| async move {
+        c.disarm(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| status_error(node, s))
+    })
+    .await
+}
+
+/// The node's dead-man state (read-only).
+pub async fn arm_state(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+) -> Result<pb::ArmState, CallError> {
+    with_client(node, tls, deadlines, deadlines.report, "arm state", |mut c| async move {
+        c.get_arm_state(pb::ArmStateRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| status_error(node, s))
+    })
+    .await
+}
+
+/// Asks the node to dial `address` itself (coordinator identity only).
+pub async fn dial_from_node(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    req: pb::DialRequest,
+) -> Result<pb::DialResult, CallError> {
+    with_client(node, tls, deadlines, deadlines.report, "dial result", |mut c| async move {
+        c.dial_from_node(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| status_error(node, s))
+    })
     .await
 }
 

@@ -1,101 +1,68 @@
-# Evaluation tests for module.nix with the stand-in lib (lib.nix).
+# Evaluation tests for module.nix, run by nixpkgs' own module system:
+# `lib.evalModules` from the real nixpkgs `lib` (../shared/vendor/nixpkgs-lib/lib
+# beside the repository; its commit is in ../SOURCE), so mkIf/mkMerge/mkDefault,
+# the types' checks, merges and error messages are the real ones. The NixOS
+# options the module sets are declared in nixos-options.nix with the types
+# NixOS gives them; `pkgs` is a stub (below). The flake's VM test, which
+# evaluates and boots the module with NixOS itself, is the full check.
 #
 #   nix-instantiate --eval --strict --json --store dummy:// nixos-module/tests/eval.nix -A summary
 #
-# `summary` is { line = "N passed, N failed"; passed; failed; failures; }.
-# `case.<name>` forces one configuration's whole generated config (used to
-# check that bad values fail with a message naming the option), and
-# `execStart` is the ExecStart of a typical configuration (checked against the
-# real agent's flags by the cargo test that runs this file).
-{ modulePath ? ../module.nix }:
+# `summary` is { line = "N passed, N failed (nixpkgs lib ...)"; passed; failed; failures; lib; }.
+# `case.<name>` evaluates a configuration that must be refused (the error names
+# the option); `check.<name>` forces one good configuration's generated NixOS
+# config (a module with a planted type error must fail there); `execStart` is
+# the agent's ExecStart of a typical configuration and `rollbackScript` the
+# rollback unit's script text (both run by the cargo test nixos_module).
+{ modulePath ? ../module.nix
+, nixpkgsLib ? ../../../shared/vendor/nixpkgs-lib/lib
+}:
 
 let
-  lib = import ./lib.nix;
-  module = import modulePath;
-  inherit (builtins) isAttrs isList attrNames all any filter mapAttrs tryEval deepSeq;
+  inherit (builtins) isAttrs isList attrNames all any filter mapAttrs tryEval deepSeq elem;
 
-  drv = name: { type = "derivation"; outPath = "/nix/store/00000000000000000000000000000000-${name}"; inherit name; };
+  lib =
+    if builtins.pathExists (nixpkgsLib + "/default.nix") then import nixpkgsLib
+    else
+      throw ''
+        nixpkgs' lib not found at ${toString nixpkgsLib}: these tests evaluate the module with
+        nixpkgs' own lib.evalModules, expected at ../shared/vendor/nixpkgs-lib/lib beside the
+        repository (pass another with --arg nixpkgsLib /path/to/nixpkgs/lib)'';
+  source = nixpkgsLib + "/../SOURCE";
+  commit =
+    let m = builtins.match "(.|\n)*commit ([0-9a-f]{40})(.|\n)*" (builtins.readFile source); in
+    if builtins.pathExists source && m != null then builtins.elemAt m 1
+    else throw "${toString source} is missing or names no commit: which nixpkgs lib is this?";
+  libVersion = "nixpkgs lib ${lib.version} (release ${lib.trivial.release}, nix-community/nixpkgs.lib ${commit})";
+
+  # A stub for pkgs: only what module.nix uses, as derivation-like attribute
+  # sets (type = "derivation" and a store outPath, which lib.types.package
+  # accepts). Nothing is built: writeShellScript keeps its text for the tests.
+  drv = name: { type = "derivation"; inherit name; outPath = "/nix/store/00000000000000000000000000000000-${name}"; };
   pkgs = {
     callPackage = _path: _args: drv "cnishift-0.1.0";
     iproute2 = drv "iproute2";
     iptables = drv "iptables";
     kmod = drv "kmod";
+    coreutils = drv "coreutils";
+    systemd = drv "systemd";
+    nix = drv "nix";
+    writeShellScript = name: text: drv name // { inherit text; };
   };
 
-  isOption = v: isAttrs v && (v._type or null) == "option";
-  absent = { _type = "absent"; };
-  isAbsent = v: isAttrs v && (v._type or null) == "absent";
-
-  # The value of every declared option: the definition (type-checked) or the
-  # default. Undeclared definitions are errors, as in the module system.
-  optionValues = path: decls: defs:
-    let
-      unknown = filter (n: !(decls ? ${n})) (attrNames defs);
-    in
-    if unknown != [ ] then throw "The option `${path}${builtins.head unknown}' does not exist."
-    else
-      mapAttrs
-        (name: decl:
-          let p = "${path}${name}"; in
-          if isOption decl then
-            if defs ? ${name} then
-              let v = defs.${name}; in
-              if decl.type.check v then v
-              else throw "A definition for option `${p}' is not of type `${decl.type.description}'. Definition value: ${builtins.toJSON v}"
-            else if decl ? default then decl.default
-            else throw "The option `${p}' is used but not defined."
-          else optionValues "${p}." decl (defs.${name} or { }))
-        decls;
-
-  # Resolves mkIf/mkMerge where the module system pushes them down (attribute
-  # values), drops what a false mkIf guards, and refuses properties anywhere
-  # else (inside a list), which the real module system would not resolve.
-  resolve = v:
-    if isAttrs v && (v._type or null) == "if" then
-      (if v.condition then resolve v.content else absent)
-    else if isAttrs v && (v._type or null) == "merge" then
-      builtins.foldl' merge { } (filter (x: !isAbsent x) (map resolve v.contents))
-    else if isAttrs v && !(v ? outPath) then
-      let
-        r = mapAttrs (_: resolve) v;
-        kept = builtins.removeAttrs r (filter (n: isAbsent r.${n}) (attrNames r));
-      in
-      # A set whose every definition was a false mkIf defines nothing.
-      if kept == { } && r != { } then absent else kept
-    else if isList v then
-      (if any (x: isAttrs x && x ? _type) v then throw "an mkIf/mkMerge inside a list is never resolved: it would leak into the configuration" else v)
-    else v;
-
-  # Deep merge of two resolved configs: attrsets recursively, lists appended,
-  # equal scalars kept, conflicting scalars an error.
-  merge = a: b:
-    a // mapAttrs
-      (n: bv:
-        if !(a ? ${n}) then bv
-        else if isAttrs a.${n} && isAttrs bv && !(bv ? outPath) then merge a.${n} bv
-        else if isList a.${n} && isList bv then a.${n} ++ bv
-        else if a.${n} == bv then bv
-        else throw "conflicting definitions for `${n}'")
-      b;
-
-  # Anything still shaped like a property after resolution has leaked.
-  leaks = v:
-    if isAttrs v then (v ? _type && !(v ? outPath)) || any (n: leaks v.${n}) (attrNames v)
-    else if isList v then any leaks v
-    else false;
-
-  # What the rest of NixOS provides that the module reads.
-  externalDecls = {
-    networking.hostName = lib.mkOption { type = lib.types.str; default = "opi01"; };
-    services.k3s.role = lib.mkOption { type = lib.types.str; default = "server"; };
-  };
-
+  # One NixOS-like evaluation: the module, the NixOS option declarations and
+  # the definitions given (a module or a list of modules).
   eval = defs:
-    let
-      m = module { inherit config lib pkgs; };
-      config = optionValues "" (merge externalDecls m.options) defs;
-    in
-    resolve m.config;
+    (lib.evalModules {
+      modules = [ ./nixos-options.nix modulePath { _module.args.pkgs = pkgs; } ] ++ lib.toList defs;
+    }).config;
+
+  # What the module generates for the rest of NixOS (the module's own options
+  # are left out: an unset required one must not fail a disabled config).
+  generated = c: {
+    inherit (c) systemd networking boot fileSystems nix;
+    k3s = c.services.k3s;
+  };
 
   tls = {
     caFile = "/run/secrets/cnishift/ca.pem";
@@ -105,10 +72,28 @@ let
   agentOn = extra: { services.cnishift-agent = { enable = true; inherit tls; } // extra; };
   # Accessors never fail: a missing attribute makes a test false, not the run
   # abort (tryEval only catches throw and assert).
-  svc = c: c.systemd.services.cnishift-agent or { serviceConfig = { }; };
+  units = c: c.systemd.services or { };
+  svc = c: (units c).cnishift-agent or { serviceConfig = { }; };
   sc = c: (svc c).serviceConfig or { };
   exec = c: (sc c).ExecStart or "";
+  rollbackUnit = c: (units c)."cnishift-rollback@" or { serviceConfig = { }; };
+  rsc = c: (rollbackUnit c).serviceConfig or { };
+  rollbackEnv = c: (svc c).environment.CNISHIFT_ROLLBACK_COMMAND or "";
+  scriptOf = c: c.services.cnishift-agent.rollback.script;
   hasWord = w: s: builtins.match ".*(^| )${w}( |$).*" s != null;
+  contains = needle: s: lib.hasInfix needle s;
+
+  # The agent unit's privileges before the rollback unit existed: the
+  # rollback must not widen them.
+  agentCapabilities = [ "CAP_BPF" "CAP_PERFMON" "CAP_SYS_ADMIN" "CAP_NET_ADMIN" "CAP_SYS_MODULE" "CAP_DAC_READ_SEARCH" ];
+  agentWritable = [
+    "/etc/cni/net.d"
+    "/var/lib/rancher/k3s/agent/etc/cni/net.d"
+    "/var/lib/rancher/k3s/agent/etc/flannel"
+    "/run/flannel"
+    "/var/lib/cni"
+  ];
+  overriddenRollback = "/usr/local/bin/roll-back --to {generation} --node {node}";
 
   configs = {
     disabled = eval { };
@@ -119,7 +104,9 @@ let
     stateElsewhere = eval (agentOn { stateDir = "/srv/cnishift"; });
     prereqServer = eval { services.cnishift.ciliumPrerequisites.enable = true; };
     prereqAgent = eval { services.k3s.role = "agent"; services.cnishift.ciliumPrerequisites.enable = true; };
-    both = eval (merge { services.cnishift.ciliumPrerequisites.enable = true; } (agentOn { }));
+    both = eval [{ services.cnishift.ciliumPrerequisites.enable = true; } (agentOn { })];
+    rollbackOverride = eval (agentOn { rollback.command = overriddenRollback; });
+    otherNix = eval [ (agentOn { }) { nix.package = drv "nix-2.31.2"; } ];
   };
 
   # Definitions that must be refused, naming the option.
@@ -128,12 +115,27 @@ let
     relativeTls = { services.cnishift-agent = { enable = true; tls = tls // { caFile = "secrets/ca.pem"; }; }; };
     unknownOption = agentOn { prot = 1; };
     wrongType = agentOn { openFirewall = "yes"; };
+    # Declared NixOS options, checked by NixOS's types:
+    sysctlList = { services.cnishift.ciliumPrerequisites.enable = true; boot.kernel.sysctl."net.core.somaxconn" = [ 4096 ]; };
+    hostNameWithDomain = agentOn { } // { networking.hostName = "opi01.lan"; };
+    rollbackScriptSet = agentOn { rollback.script = drv "elsewhere"; };
   };
+
+  # Anything still shaped like an mkIf/mkMerge/mkOverride in the generated
+  # config has leaked (the module system did not resolve it).
+  leaks = v:
+    if isAttrs v then (v ? _type && !(v ? outPath)) || (!(v ? outPath) && any (n: leaks v.${n}) (attrNames v))
+    else if isList v then any leaks v
+    else false;
+  nonNull = lib.filterAttrs (_: v: v != null);
 
   c = configs;
   tests = {
-    "disabled generates nothing" = c.disabled == { };
-    "nothing leaks (no unresolved mkIf anywhere)" = !(any (n: leaks c.${n}) (attrNames c));
+    "disabled generates nothing" =
+      units c.disabled == { } && c.disabled.networking.firewall.allowedTCPPorts == [ ]
+        && c.disabled.boot.kernelModules == [ ] && nonNull c.disabled.boot.kernel.sysctl == { }
+        && c.disabled.fileSystems == { } && c.disabled.services.k3s.extraFlags == [ ];
+    "nothing leaks (no unresolved mkIf anywhere)" = !(any (n: leaks (generated c.${n})) (attrNames c));
     "default port 7443 in ExecStart" = hasWord "0.0.0.0:7443" (exec c.defaults);
     "ExecStart runs the package's agent" = hasWord "/nix/store/00000000000000000000000000000000-cnishift-0.1.0/bin/cnishift-agent" (exec c.defaults);
     "ExecStart has every serve flag" = all (f: hasWord f (exec c.defaults)) [
@@ -156,34 +158,71 @@ let
     "node name defaults to the host name" = hasWord "raccoon03" (exec c.named) && hasWord "opi01" (exec c.defaults);
     "node name can be set" = hasWord "r3" (exec c.renamed) && !(hasWord "raccoon03" (exec c.renamed));
     "coordinator identity default" = hasWord "cnishift-coordinator" (exec c.defaults);
-    "firewall closed by default" = !(c.defaults ? networking);
-    "openFirewall opens the configured port" = c.firewall.networking.firewall.allowedTCPPorts or [ ] == [ 9443 ] && hasWord "0.0.0.0:9443" (exec c.firewall);
+    "firewall closed by default" = c.defaults.networking.firewall.allowedTCPPorts == [ ];
+    "openFirewall opens the configured port" = c.firewall.networking.firewall.allowedTCPPorts == [ 9443 ] && hasWord "0.0.0.0:9443" (exec c.firewall);
     "restart on failure" = (sc c.defaults).Restart or "" == "on-failure";
     "state directory under /var/lib" = (sc c.defaults).StateDirectory or "" == "cnishift-agent" && hasWord "/var/lib/cnishift-agent" (exec c.defaults);
     "state directory elsewhere is made writable" =
       !((sc c.stateElsewhere) ? StateDirectory)
-        && builtins.elem "/srv/cnishift" ((sc c.stateElsewhere).ReadWritePaths or [ ]);
-    "PATH has iproute2, iptables and kmod" = map (p: p.name) ((svc c.defaults).path or [ ]) == [ "iproute2" "iptables" "kmod" ];
+        && elem "/srv/cnishift" ((sc c.stateElsewhere).ReadWritePaths or [ ]);
+    "PATH has iproute2, iptables, kmod and systemd (systemctl)" = map (p: p.name) ((svc c.defaults).path or [ ]) == [ "iproute2" "iptables" "kmod" "systemd" ];
     "hardening" =
       let s = sc c.defaults; in
       s.ProtectSystem or "" == "strict" && s.ProtectHome or false && s.NoNewPrivileges or false
-        && all (cap: builtins.elem cap (s.CapabilityBoundingSet or [ ])) [ "CAP_NET_ADMIN" "CAP_BPF" "CAP_PERFMON" ]
-        && !(builtins.elem "CAP_SYS_PTRACE" (s.CapabilityBoundingSet or [ ]))
-        && builtins.elem "/etc/cni/net.d" (s.ReadWritePaths or [ ]);
-    "rollback command defaults to the armed generation" =
-      (svc c.defaults).environment.CNISHIFT_ROLLBACK_COMMAND or "" == "{armed_system}/bin/switch-to-configuration switch";
-    "prerequisites: kernel modules" = c.prereqServer.boot.kernelModules or [ ] == [ "xt_socket" "xt_mark" "xt_conntrack" "br_netfilter" "overlay" ];
+        && all (cap: elem cap (s.CapabilityBoundingSet or [ ])) [ "CAP_NET_ADMIN" "CAP_BPF" "CAP_PERFMON" ]
+        && !(elem "CAP_SYS_PTRACE" (s.CapabilityBoundingSet or [ ]))
+        && elem "/etc/cni/net.d" (s.ReadWritePaths or [ ]);
+    "the agent unit gains no capability or writable path for the rollback" =
+      let s = sc c.defaults; in
+      s.CapabilityBoundingSet or [ ] == agentCapabilities && s.ReadWritePaths or [ ] == agentWritable
+        && elem "AF_UNIX" (s.RestrictAddressFamilies or [ ]) && s.ProtectSystem or "" == "strict";
+    "rollback command defaults to the rollback unit" =
+      rollbackEnv c.defaults == "systemctl start --wait cnishift-rollback@{generation}.service";
+    "rollback command can be overridden" = rollbackEnv c.rollbackOverride == overriddenRollback;
+    "the agent unit does not run the rollback itself" =
+      let s = sc c.defaults; in
+      !(any (k: contains "switch-to-configuration" (toString (s.${k} or "")) || contains "nix-env" (toString (s.${k} or "")))
+        [ "ExecStart" "ExecStartPre" "ExecStartPost" "ExecStop" "ExecStopPost" ])
+      && !(contains "switch-to-configuration" (rollbackEnv c.defaults));
+    "rollback unit: a oneshot template" = (units c.defaults) ? "cnishift-rollback@" && (rsc c.defaults).Type or "" == "oneshot";
+    "rollback unit: ExecStart is its script with the instance (%i)" =
+      (rsc c.defaults).ExecStart or "" == "${(scriptOf c.defaults).outPath} %i"
+        && (scriptOf c.defaults).name == "cnishift-rollback";
+    "rollback unit: not started at boot" =
+      let u = rollbackUnit c.defaults; in
+      u.wantedBy or [ "?" ] == [ ] && u.requiredBy or [ "?" ] == [ ]
+        && !(any (n: any (x: lib.hasPrefix "cnishift-rollback@" x) ((units c.defaults).${n}.wants ++ (units c.defaults).${n}.requires))
+        (attrNames (units c.defaults)));
+    "rollback unit: not hardened like the agent" =
+      let s = rsc c.defaults; in
+      all (k: !(s ? ${k})) [ "ProtectSystem" "CapabilityBoundingSet" "NoNewPrivileges" "ReadWritePaths" "PrivateTmp" "ProtectHome" ];
+    "rollback unit: bounded, within the agent's 5 min" = elem ((rsc c.defaults).TimeoutStartSec or "") [ "4min" "240" "240s" ];
+    "rollback unit: not restarted by the switch it runs" = (rollbackUnit c.defaults).restartIfChanged or true == false;
+    "rollback unit: only with the agent" = !((units c.disabled) ? "cnishift-rollback@") && !((units c.prereqServer) ? "cnishift-rollback@");
+    "rollback script: refuses anything but digits, first" =
+      let t = (scriptOf c.defaults).text or ""; in
+      contains "*[!0-9]*)" t && lib.hasPrefix "set -eu\n" t
+        && builtins.length (lib.splitString "*[!0-9]*)" (builtins.head (lib.splitString "nix-env" t))) == 2;
+    "rollback script: sets the system profile back, then switches" =
+      let t = (scriptOf c.defaults).text or ""; in
+      contains "/nix/var/nix/profiles/system-$generation-link" t
+        && contains "/nix/store/00000000000000000000000000000000-nix/bin/nix-env --profile /nix/var/nix/profiles/system --set \"$system\"\nexec \"$system/bin/switch-to-configuration\" switch" t;
+    "rollback script: nix from nix.package" = contains "-nix-2.31.2/bin/nix-env " ((scriptOf c.otherNix).text or "");
+    "prerequisites: kernel modules" = c.prereqServer.boot.kernelModules == [ "xt_socket" "xt_mark" "xt_conntrack" "br_netfilter" "overlay" ];
     "prerequisites: sysctls" =
-      let s = c.prereqServer.boot.kernel.sysctl or { }; in
+      let s = c.prereqServer.boot.kernel.sysctl; in
       s."net.ipv4.ip_forward" or 0 == 1 && s."net.ipv4.conf.all.forwarding" or 0 == 1
-        && s."net.bridge.bridge-nf-call-iptables" or 0 == 1 && s."net.ipv4.conf.all.rp_filter" or 1 == 0;
-    "prerequisites: bpffs at /sys/fs/bpf" = c.prereqServer.fileSystems."/sys/fs/bpf".fsType or "" == "bpf";
-    "prerequisites: k3s server flags" = c.prereqServer.services.k3s.extraFlags or [ ] == [ "--flannel-backend=none" "--disable-network-policy" ];
-    "prerequisites: no k3s flags on an agent node" = !(c.prereqAgent ? services) && c.prereqAgent.boot.kernelModules or [ ] != [ ];
-    "prerequisites alone do not start the agent" = !(c.prereqServer ? systemd);
-    "both together merge" = c.both ? systemd && c.both.services.k3s.extraFlags or [ ] != [ ];
-  } // mapAttrs (_: defs: !(tryEval (deepSeq (eval defs) true)).success) (
-    builtins.listToAttrs (map (n: { name = "refused: ${n}"; value = bad.${n}; }) (attrNames bad))
+        && s."net.bridge.bridge-nf-call-iptables" or 0 == 1 && s."net.ipv4.conf.all.rp_filter" or 1 == 0
+        && s."net.ipv4.conf.default.rp_filter" or 1 == 0;
+    "prerequisites: bpffs at /sys/fs/bpf" =
+      let f = c.prereqServer.fileSystems."/sys/fs/bpf" or { }; in
+      f.fsType or "" == "bpf" && f.device or "" == "bpffs" && f.mountPoint or "" == "/sys/fs/bpf";
+    "prerequisites: k3s server flags" = c.prereqServer.services.k3s.extraFlags == [ "--flannel-backend=none" "--disable-network-policy" ];
+    "prerequisites: no k3s flags on an agent node" = c.prereqAgent.services.k3s.extraFlags == [ ] && c.prereqAgent.boot.kernelModules != [ ];
+    "prerequisites alone do not start the agent" = units c.prereqServer == { };
+    "both together merge" = (units c.both) ? cnishift-agent && c.both.services.k3s.extraFlags != [ ];
+  } // mapAttrs (_: defs: !(tryEval (deepSeq (generated (eval defs)) true)).success) (
+    lib.mapAttrs' (n: v: lib.nameValuePair "refused: ${n}" v) bad
   );
 
   results = mapAttrs (_: t: (tryEval t).value or false) tests;
@@ -194,8 +233,11 @@ in
 {
   summary = {
     inherit passed failed failures;
-    line = "${toString passed} passed, ${toString failed} failed";
+    lib = libVersion;
+    line = "${toString passed} passed, ${toString failed} failed with ${libVersion}";
   };
-  case = mapAttrs (_: defs: deepSeq (eval defs) "evaluated") bad;
+  case = mapAttrs (_: defs: deepSeq (generated (eval defs)) "evaluated") bad;
+  check = mapAttrs (_: cfg: deepSeq (generated cfg) "evaluated") configs;
   execStart = exec configs.defaults;
+  rollbackScript = (scriptOf configs.defaults).text;
 }

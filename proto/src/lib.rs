@@ -14,7 +14,21 @@ pub mod methods {
     pub const REMEDIATE: &str = "/cnishift.v1.NodeAgent/Remediate";
     pub const PLAN_CLEANUP: &str = "/cnishift.v1.NodeAgent/PlanCleanup";
     pub const APPLY_CLEANUP: &str = "/cnishift.v1.NodeAgent/ApplyCleanup";
+    pub const ARM_ROLLBACK: &str = "/cnishift.v1.NodeAgent/ArmRollback";
+    pub const CONFIRM: &str = "/cnishift.v1.NodeAgent/Confirm";
+    pub const DISARM: &str = "/cnishift.v1.NodeAgent/Disarm";
+    pub const GET_ARM_STATE: &str = "/cnishift.v1.NodeAgent/GetArmState";
+    pub const DIAL_FROM_NODE: &str = "/cnishift.v1.NodeAgent/DialFromNode";
 
-    /// Methods that change the node (or plan to). Everything else is read-only.
-    pub const CHANGING: &[&str] = &[REMEDIATE, PLAN_CLEANUP, APPLY_CLEANUP];
+    /// Methods that change the node (or plan to, or make it open
+    /// connections). Everything else is read-only.
+    pub const CHANGING: &[&str] = &[
+        REMEDIATE,
+        PLAN_CLEANUP,
+        APPLY_CLEANUP,
+        ARM_ROLLBACK,
+        CONFIRM,
+        DISARM,
+        DIAL_FROM_NODE,
+    ];
 }

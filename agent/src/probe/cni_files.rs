@@ -14,6 +14,11 @@ use crate::host::HostPaths;
 
 pub const ETC_CNI_DIR: &str = "etc/cni/net.d";
 pub const K3S_CNI_DIR: &str = "var/lib/rancher/k3s/agent/etc/cni/net.d";
+/// The containerd config k3s *generates* each time it starts, from the flags
+/// it runs with: the one place that says which CNI directory the running
+/// k3s's containerd reads (agents included, which take the Flannel backend
+/// from their server and have no flag of their own).
+pub const CONTAINERD_CONFIG: &str = "var/lib/rancher/k3s/agent/etc/containerd/config.toml";
 
 /// Flannel state outside the CNI config dirs: (check name, path).
 pub const FLANNEL_STATE: &[(&str, &str)] = &[
@@ -68,15 +73,75 @@ pub struct FlannelState {
     pub error: Option<String>,
 }
 
+/// The CNI section of k3s's generated containerd config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerdCni {
+    pub path: String,
+    pub present: bool,
+    /// e.g. `/etc/cni/net.d` (no Flannel) or k3s's own dir (Flannel).
+    pub conf_dir: Option<String>,
+    pub bin_dir: Option<String>,
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CniFacts {
     pub etc: CniDir,
     pub k3s: CniDir,
     pub flannel_state: Vec<FlannelState>,
+    #[serde(default)]
+    pub containerd: ContainerdCni,
+}
+
+/// Reads `[plugins.<cri>.cni]`'s `conf_dir`/`bin_dir` from a containerd
+/// config: version 3 (containerd 2, k3s ≥ 1.31) names the section
+/// `'io.containerd.cri.v1.runtime'`, version 2 `"io.containerd.grpc.v1.cri"`.
+pub fn parse_containerd(text: &str) -> Result<(Option<String>, Option<String>), String> {
+    let v: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        format!("not valid TOML ({})", e.message())
+    })?;
+    let plugins = v.get("plugins").and_then(|p| p.as_table());
+    for section in ["io.containerd.cri.v1.runtime", "io.containerd.grpc.v1.cri"] {
+        if let Some(cni) = plugins
+            .and_then(|p| p.get(section))
+            .and_then(|s| s.get("cni"))
+            .and_then(|c| c.as_table())
+        {
+            let get = |k: &str| cni.get(k).and_then(|x| x.as_str()).map(String::from);
+            return Ok((get("conf_dir"), get("bin_dir")));
+        }
+    }
+    Ok((None, None))
+}
+
+fn probe_containerd(host: &HostPaths) -> ContainerdCni {
+    let mut c = ContainerdCni {
+        path: format!("/{CONTAINERD_CONFIG}"),
+        ..Default::default()
+    };
+    match host.read_string(CONTAINERD_CONFIG) {
+        Ok(text) => {
+            c.present = true;
+            match parse_containerd(&text) {
+                Ok((conf, bin)) => {
+                    c.conf_dir = conf;
+                    c.bin_dir = bin;
+                }
+                Err(e) => c.error = Some(format!("/{CONTAINERD_CONFIG}: {e}")),
+            }
+        }
+        Err(e) if e.is_missing() => {}
+        Err(e) => {
+            c.present = true;
+            c.error = Some(e.to_string());
+        }
+    }
+    c
 }
 
 pub fn probe(host: &HostPaths) -> CniFacts {
     CniFacts {
+        containerd: probe_containerd(host),
         etc: probe_dir(host, ETC_CNI_DIR),
         k3s: probe_dir(host, K3S_CNI_DIR),
         flannel_state: FLANNEL_STATE
@@ -192,6 +257,22 @@ pub fn parse_config(bytes: &[u8]) -> Result<(Option<String>, Vec<String>), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_both_containerd_config_versions() {
+        let v3 = "version = 3\n[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dir = \"/opt/cni/bin\"\n  conf_dir = \"/etc/cni/net.d\"\n";
+        assert_eq!(
+            parse_containerd(v3).unwrap(),
+            (Some("/etc/cni/net.d".into()), Some("/opt/cni/bin".into()))
+        );
+        let v2 = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir = \"/var/lib/rancher/k3s/agent/etc/cni/net.d\"\n";
+        assert_eq!(
+            parse_containerd(v2).unwrap().0.as_deref(),
+            Some("/var/lib/rancher/k3s/agent/etc/cni/net.d")
+        );
+        assert_eq!(parse_containerd("version = 3\n").unwrap(), (None, None));
+        assert!(parse_containerd("[plugins\n").unwrap_err().starts_with("not valid TOML ("));
+    }
 
     #[test]
     fn reads_conflists_and_single_confs() {

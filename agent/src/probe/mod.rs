@@ -30,6 +30,8 @@ pub struct Facts {
     pub k3s: k3s::K3sFacts,
     pub iptables: iptables::IptablesFacts,
     pub resources: resources::ResourceFacts,
+    /// Cilium's own health answer (`/v1/healthz` on its API socket).
+    pub cilium: crate::cilium::CiliumHealth,
 }
 
 /// What to look for: the policy's lists, handed in so probes never depend
@@ -45,6 +47,9 @@ pub struct Wanted<'a> {
 pub fn collect(host: &HostPaths, live: bool, wanted: &Wanted) -> Facts {
     std::thread::scope(|s| {
         let bpf = s.spawn(|| bpf::probe(host, live));
+        // Cilium's socket belongs to another program: ask it on a thread of
+        // its own, so its deadline runs beside the other probes.
+        let cilium = s.spawn(|| crate::cilium::probe(host));
         let iptables = s.spawn(|| iptables::probe(live));
         let network = s.spawn(|| {
             if live {
@@ -97,6 +102,10 @@ pub fn collect(host: &HostPaths, live: bool, wanted: &Wanted) -> Facts {
             cni,
             k3s,
             resources,
+            cilium: cilium.join().unwrap_or_else(|_| crate::cilium::CiliumHealth {
+                error: Some(panicked("cilium")),
+                ..Default::default()
+            }),
         }
     })
 }

@@ -27,6 +27,9 @@ pub struct Interface {
     pub index: u32,
     /// The rtnetlink kind (`vxlan`, `bridge`, `veth`, ...), when it has one.
     pub kind: Option<String>,
+    /// Administratively up (IFF_UP).
+    #[serde(default)]
+    pub up: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -104,6 +107,7 @@ pub fn from_messages(links: &[LinkMessage], routes: &[RouteMessage]) -> NetworkF
         ..Default::default()
     };
     let mut by_index: BTreeMap<u32, (String, Option<u32>, Option<String>)> = BTreeMap::new();
+    let mut up: BTreeMap<u32, bool> = BTreeMap::new();
     for msg in links {
         let mut name = None;
         let mut master = None;
@@ -123,6 +127,12 @@ pub fn from_messages(links: &[LinkMessage], routes: &[RouteMessage]) -> NetworkF
             }
         }
         if let Some(name) = name {
+            up.insert(
+                msg.header.index,
+                msg.header
+                    .flags
+                    .contains(rtnetlink::packet_route::link::LinkFlags::Up),
+            );
             by_index.insert(msg.header.index, (name, master, kind));
         }
     }
@@ -134,6 +144,7 @@ pub fn from_messages(links: &[LinkMessage], routes: &[RouteMessage]) -> NetworkF
         let iface = Interface {
             index: *index,
             kind: kind.clone(),
+            up: up.get(index).copied().unwrap_or(false),
         };
         if FLANNEL_INTERFACES.contains(&name.as_str()) {
             facts.flannel_interfaces.insert(name.clone(), iface.clone());

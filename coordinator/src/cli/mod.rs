@@ -11,6 +11,7 @@ use cnishift::agents;
 use cnishift::inventory::{Inventory, Load};
 use cnishift::kube::{Kube, KubeError, KubeOptions};
 
+pub mod arm;
 pub mod certs;
 pub mod cleanup;
 pub mod cluster;

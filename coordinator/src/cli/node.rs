@@ -51,10 +51,32 @@ pub enum NodeCommand {
     WaitReady(NodeArgs),
     /// Wait (by watching) until the Cilium agent pod on the node is Ready, at most [deadlines] cilium_ready.
     WaitCilium(NodeArgs),
+    /// Arm the node's dead-man rollback: unless confirmed within --timeout, its agent rolls it back.
+    #[command(
+        after_help = "What the rollback runs is fixed on the node (the agent's --rollback-command, or on NixOS the\n\
+                            generation current now via the module's cnishift-rollback@ unit); nothing is sent from here.\n\
+                            Needs no kubeconfig. Exit codes: 0 armed, 1 refused by the agent (another run holds it),\n\
+                            2 the agent unreachable or a usage error."
+    )]
+    Arm(super::arm::ArmArgs),
+    /// Confirm the switch (over a new connection, as the agent requires): nothing will be rolled back.
+    Confirm(super::arm::RunArgs),
+    /// Disarm the countdown (or acknowledge a failed rollback) without confirming.
+    Disarm(super::arm::RunArgs),
+    /// The node's dead-man state: armed, remaining, fired, outcome, the action's output.
+    #[command(
+        after_help = "Exit codes: 0 shown, 1 the last rollback failed or was interrupted, 2 the agent unreachable."
+    )]
+    ArmState(super::arm::AgentNodeArgs),
 }
 
 pub fn run(cmd: NodeCommand) -> ExitCode {
+    use super::arm::{self, ArmCommand};
     let (args, step) = match cmd {
+        NodeCommand::Arm(a) => return arm::run(ArmCommand::Arm(a)),
+        NodeCommand::Confirm(a) => return arm::run(ArmCommand::Confirm(a)),
+        NodeCommand::Disarm(a) => return arm::run(ArmCommand::Disarm(a)),
+        NodeCommand::ArmState(a) => return arm::run(ArmCommand::State(a)),
         NodeCommand::Cordon(a) => (a, NodeStep::Cordon),
         NodeCommand::Uncordon(a) => (a, NodeStep::Uncordon),
         NodeCommand::Drain(a) => (a, NodeStep::Drain),
