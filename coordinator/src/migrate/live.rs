@@ -1,14 +1,14 @@
 //! The real world behind [`Cluster`] and [`NodeAgents`]: the Kubernetes API
 //! through [`crate::kube`], and the agents through [`crate::agents`].
-//!
-//! TODO(lead): the agent's rollback RPCs (ArmRollback/Confirm/Disarm/
-//! GetArmState/DialFromNode) and the migrated-node facts do not exist on this
-//! branch; the methods marked `TODO(lead)` below answer with an error naming
-//! the missing RPC until they are wired to the client calls in agents.rs.
+//! Preflight, Verify, the early-restart watch and Repod's "no pod on cni0"
+//! read the agent's report judged against an expectation (none, Cilium,
+//! Flannel); the dead-man rollback is ArmRollback/Confirm/Disarm/GetArmState.
 
 use std::time::Duration;
 
 use crate::agents::{self, ClientTls};
+use cnishift_proto::v1 as pb;
+
 use crate::inventory::{Inventory, Node};
 use crate::kube::events::{Kind, Step as EventStep};
 use crate::kube::gates::Verdict;
@@ -180,68 +180,133 @@ pub struct AgentClients<'a> {
     pub inv: &'a Inventory,
 }
 
-fn not_yet(rpc: &str) -> Cause {
-    format!("the agent's {rpc} RPC is not wired into this coordinator yet")
+/// The failing checks of a report, in the agent's words.
+fn failing(r: &pb::NodeReport) -> String {
+    r.checks
+        .iter()
+        .filter(|c| c.verdict == pb::Verdict::Fail as i32)
+        .map(|c| format!("{}: {}", c.id, c.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The agent's dead-man state as the driver reads it.
+pub fn arm_state_of(s: &pb::ArmState) -> ArmState {
+    let message = if s.output_tail.is_empty() {
+        s.message.clone()
+    } else {
+        format!("{} ({})", s.message, s.output_tail.trim())
+    };
+    match s.outcome.as_str() {
+        "succeeded" => ArmState::RolledBack { ok: true, message },
+        "failed" | "interrupted" => ArmState::RolledBack { ok: false, message },
+        "running" => ArmState::RollingBack,
+        "confirmed" => ArmState::Confirmed,
+        _ if s.armed => ArmState::Armed {
+            remaining: Duration::from_millis(s.remaining_ms),
+        },
+        _ => ArmState::Disarmed,
+    }
+}
+
+impl AgentClients<'_> {
+    async fn report(&self, node: &Node, expect: pb::Expectation) -> Result<pb::NodeReport, Cause> {
+        agents::get_report_expecting(node, self.tls, &self.inv.deadlines, expect)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl NodeAgents for AgentClients<'_> {
     async fn preflight(&self, node: &Node) -> Result<(), Cause> {
-        let r = agents::get_report(node, self.tls, &self.inv.deadlines)
-            .await
-            .map_err(|e| e.to_string())?;
+        let r = self.report(node, pb::Expectation::Unspecified).await?;
         if r.ready {
             return Ok(());
         }
-        let failing: Vec<String> = r
-            .checks
-            .iter()
-            .filter(|c| c.verdict == cnishift_proto::v1::Verdict::Fail as i32)
-            .map(|c| format!("{}: {}", c.id, c.message))
-            .collect();
         Err(format!(
             "the agent says the node is not ready: {}",
-            failing.join("; ")
+            failing(&r)
         ))
     }
 
-    // TODO(lead): ArmRollback { run, deadline }.
-    async fn arm(&self, _node: &Node, _run: &str, _deadline: Duration) -> Result<(), Cause> {
-        Err(not_yet("ArmRollback"))
+    async fn arm(&self, node: &Node, run: &str, deadline: Duration) -> Result<(), Cause> {
+        agents::arm_rollback(node, self.tls, &self.inv.deadlines, run, deadline)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
-    // TODO(lead): Confirm { run } over a new connection.
-    async fn confirm(&self, _node: &Node, _run: &str) -> Result<(), Cause> {
-        Err(not_yet("Confirm"))
+    async fn confirm(&self, node: &Node, run: &str) -> Result<(), Cause> {
+        let s = agents::confirm(node, self.tls, &self.inv.deadlines, run)
+            .await
+            .map_err(|e| e.to_string())?;
+        match s.outcome.as_str() {
+            "confirmed" => Ok(()),
+            _ => Err(format!("the agent did not confirm: {}", s.message)),
+        }
     }
 
-    // TODO(lead): Disarm { run }.
-    async fn disarm(&self, _node: &Node, _run: &str) -> Result<(), Cause> {
-        Err(not_yet("Disarm"))
+    async fn disarm(&self, node: &Node, run: &str) -> Result<(), Cause> {
+        agents::disarm(node, self.tls, &self.inv.deadlines, run)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
-    // TODO(lead): GetArmState → ArmState.
-    async fn arm_state(&self, _node: &Node) -> Result<ArmState, Cause> {
-        Err(not_yet("GetArmState"))
+    async fn arm_state(&self, node: &Node) -> Result<ArmState, Cause> {
+        agents::arm_state(node, self.tls, &self.inv.deadlines)
+            .await
+            .map(|s| arm_state_of(&s))
+            .map_err(|e| e.to_string())
     }
 
-    // TODO(lead): GetReport judged "migrated" from the migrated-node facts.
-    async fn migrated(&self, _node: &Node) -> Result<(), Cause> {
-        Err(not_yet("migrated-node facts of GetReport"))
+    async fn migrated(&self, node: &Node) -> Result<(), Cause> {
+        let r = self.report(node, pb::Expectation::Cilium).await?;
+        if r.ready {
+            Ok(())
+        } else {
+            Err(format!(
+                "the agent says the node is not migrated: {}",
+                failing(&r)
+            ))
+        }
     }
 
-    // TODO(lead): from the migrated-node facts (pods on cni0).
-    async fn pods_on_cni0(&self, _node: &Node) -> Result<u32, Cause> {
-        Err(not_yet("migrated-node facts of GetReport"))
+    async fn pods_on_cni0(&self, node: &Node) -> Result<u32, Cause> {
+        let r = self.report(node, pb::Expectation::Cilium).await?;
+        match r.checks.iter().find(|c| c.id == "cilium.pods") {
+            None => Err("the agent's report has no cilium.pods check".into()),
+            Some(c) if c.verdict != pb::Verdict::Fail as i32 => Ok(0),
+            // "N pod interfaces are still on Flannel's cni0 (...)".
+            Some(c) => Ok(c
+                .message
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1)),
+        }
     }
 
-    // TODO(lead): DialFromNode.
-    async fn dial(&self, _node: &Node, _target: std::net::SocketAddr) -> Result<(), Cause> {
-        Err(not_yet("DialFromNode"))
+    async fn dial(&self, node: &Node, target: std::net::SocketAddr) -> Result<(), Cause> {
+        let req = pb::DialRequest {
+            address: target.to_string(),
+            ..Default::default()
+        };
+        let r = agents::dial_from_node(node, self.tls, &self.inv.deadlines, req)
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.ok {
+            Ok(())
+        } else {
+            Err(r.error)
+        }
     }
 
-    // TODO(lead): from the report's k3s facts (Flannel expected, not running).
-    async fn flannel_missing(&self, _node: &Node) -> Result<bool, Cause> {
-        Ok(false)
+    async fn flannel_missing(&self, node: &Node) -> Result<bool, Cause> {
+        let r = self.report(node, pb::Expectation::Flannel).await?;
+        Ok(r.checks
+            .iter()
+            .any(|c| c.id == "k3s.network" && c.verdict == pb::Verdict::Fail as i32))
     }
 
     async fn cleanup(&self, node: &Node) -> Result<String, Cause> {
@@ -383,6 +448,39 @@ async fn agents_leftovers<A: NodeAgents>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_agents_arm_state_as_the_driver_reads_it() {
+        use super::{arm_state_of, pb, ArmState};
+        let s = |armed: bool, outcome: &str| pb::ArmState {
+            armed,
+            outcome: outcome.into(),
+            remaining_ms: 1500,
+            message: "rolled back to NixOS generation 41".into(),
+            output_tail: "switching to configuration\n".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            arm_state_of(&s(false, "succeeded")),
+            ArmState::RolledBack {
+                ok: true,
+                message: "rolled back to NixOS generation 41 (switching to configuration)".into()
+            }
+        );
+        assert!(matches!(
+            arm_state_of(&s(false, "interrupted")),
+            ArmState::RolledBack { ok: false, .. }
+        ));
+        assert_eq!(arm_state_of(&s(true, "running")), ArmState::RollingBack);
+        assert_eq!(arm_state_of(&s(false, "confirmed")), ArmState::Confirmed);
+        assert_eq!(
+            arm_state_of(&s(true, "")),
+            ArmState::Armed {
+                remaining: std::time::Duration::from_millis(1500)
+            }
+        );
+        assert_eq!(arm_state_of(&s(false, "disarmed")), ArmState::Disarmed);
+    }
+
     #[test]
     fn event_reasons_are_camel_case() {
         assert_eq!(super::camel("wait-cilium-ready"), "WaitCiliumReady");
