@@ -1669,4 +1669,42 @@ mod tests {
         let j = Journal::open(dir.path(), &inv, Accept::default(), "x").unwrap();
         assert_eq!(j.records.len(), 1, "only the header this test's open wrote");
     }
+
+    /// The budget's part that needs no lab: the driver's own cost per node
+    /// (journal records fsync'd, Events, the hook's spawn, the boundary
+    /// checks) with a world that answers at once, and reading back a whole
+    /// 9-node journal, which is what a resume after SIGKILL does first.
+    #[tokio::test]
+    async fn overhead_per_node_and_resume_read_are_within_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = "[cluster]\nname = \"avalanche\"\napi_vip = \"10.1.0.5:6443\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+                        [hooks]\ndeploy = [\"true\"]\n[cilium]\nnode_label = \"cni=cilium\"\n"
+            .to_string();
+        for i in 0..9 {
+            let role = if i < 3 { "controller" } else { "worker" };
+            text.push_str(&format!(
+                "[[nodes]]\nname = \"n{i}\"\nrole = \"{role}\"\naddress = \"10.1.0.{}:7443\"\n",
+                20 + i
+            ));
+        }
+        let inv = Inventory::parse(&text, Path::new("/x/cluster.toml"), Load::default()).unwrap();
+        let started = Instant::now();
+        let r = run_with(&inv, &Fake::default(), dir.path(), options(dir.path())).await;
+        let per_node = started.elapsed() / 9;
+        assert_eq!(r.outcome, Outcome::Completed);
+        let started = Instant::now();
+        let j = Journal::open(dir.path(), &inv, Accept::default(), "x").unwrap();
+        let state = j.state();
+        let resume = started.elapsed();
+        assert!(state.nodes.values().all(|n| n.done.len() == 12));
+        eprintln!(
+            "driver overhead per node: {per_node:?}; resume read of {} records: {resume:?}",
+            j.records.len()
+        );
+        assert!(
+            per_node < Duration::from_millis(500),
+            "{per_node:?} per node"
+        );
+        assert!(resume < Duration::from_secs(1), "{resume:?}");
+    }
 }
