@@ -266,6 +266,9 @@ impl NodeAgents for Untouched {
     async fn cleanup(&self, _: &Node) -> Result<String, Cause> {
         Err(untouched())
     }
+    async fn leftovers(&self, _: &Node) -> Result<Vec<String>, Cause> {
+        Err(untouched())
+    }
 }
 
 /// How events are shown: JSON lines, a progress display on a terminal, or plain lines.
@@ -587,6 +590,23 @@ async fn kube_facts(kube: &Kube, inv: &Inventory, node: &str) -> serde_json::Val
     }
 }
 
+/// The network k3s runs on the node, from its agent's `k3s.network` check.
+async fn k3s_backend(node: &Node, tls: &ClientTls, inv: &Inventory) -> String {
+    let r = cnishift::agents::get_report_expecting(
+        node,
+        tls,
+        &inv.deadlines,
+        cnishift_proto::v1::Expectation::Unspecified,
+    )
+    .await;
+    let Ok(r) = r else { return "?".into() };
+    match r.checks.iter().find(|c| c.id == "k3s.network") {
+        Some(c) if c.message.contains("without Flannel") => "none".into(),
+        Some(c) if c.message.contains("runs Flannel") => "flannel".into(),
+        _ => "?".into(),
+    }
+}
+
 pub fn run_status(args: StatusArgs) -> ExitCode {
     let inv = match load(&args.inventory.path, false) {
         Ok(i) => i,
@@ -627,12 +647,15 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                     _ => format!("{} steps done", s.done.len()),
                 },
             };
-            let arm = match &tls {
-                None => "unknown (no TLS files)".to_string(),
-                Some(t) => match (AgentClients { tls: t, inv: &inv }).arm_state(n).await {
-                    Ok(a) => format!("{a:?}"),
-                    Err(e) => e,
-                },
+            let (arm, k3s) = match &tls {
+                None => ("unknown (no TLS files)".to_string(), "?".to_string()),
+                Some(t) => (
+                    match (AgentClients { tls: t, inv: &inv }).arm_state(n).await {
+                        Ok(a) => format!("{a:?}"),
+                        Err(e) => e,
+                    },
+                    k3s_backend(n, t, &inv).await,
+                ),
             };
             rows.push(serde_json::json!({
                 "node": n.name,
@@ -640,6 +663,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                 "journal": journal_step,
                 "live": kube_facts(&kube, &inv, &n.name).await,
                 "arm_state": arm,
+                "k3s": k3s,
             }));
         }
         let next = next_action(&inv, &state);
@@ -663,8 +687,8 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                     println!("! {n}");
                 }
                 println!(
-                    "{:<12} {:<10} {:<22} {:<6} {:<9} {:<8} {:<7} ARM",
-                    "NODE", "ROLE", "JOURNAL", "READY", "CORDONED", "LABEL", "CILIUM"
+                    "{:<12} {:<10} {:<22} {:<6} {:<9} {:<8} {:<7} {:<8} ARM",
+                    "NODE", "ROLE", "JOURNAL", "READY", "CORDONED", "LABEL", "CILIUM", "K3S"
                 );
                 for r in &rows {
                     let live = &r["live"];
@@ -674,7 +698,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                         None => "-",
                     };
                     println!(
-                        "{:<12} {:<10} {:<22} {:<6} {:<9} {:<8} {:<7} {}",
+                        "{:<12} {:<10} {:<22} {:<6} {:<9} {:<8} {:<7} {:<8} {}",
                         r["node"].as_str().unwrap_or(""),
                         r["role"].as_str().unwrap_or(""),
                         r["journal"].as_str().unwrap_or(""),
@@ -682,6 +706,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                         b(&live["cordoned"]),
                         b(&live["labelled"]),
                         b(&live["cilium_pod_ready"]),
+                        r["k3s"].as_str().unwrap_or("?"),
                         r["arm_state"].as_str().unwrap_or("")
                     );
                 }

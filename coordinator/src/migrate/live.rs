@@ -309,6 +309,13 @@ impl NodeAgents for AgentClients<'_> {
             .any(|c| c.id == "k3s.network" && c.verdict == pb::Verdict::Fail as i32))
     }
 
+    async fn leftovers(&self, node: &Node) -> Result<Vec<String>, Cause> {
+        let plan = agents::plan_cleanup(node, self.tls, &self.inv.deadlines, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(plan.items.iter().map(|i| i.id.clone()).collect())
+    }
+
     async fn cleanup(&self, node: &Node) -> Result<String, Cause> {
         let d = &self.inv.deadlines;
         let plan = agents::plan_cleanup(node, self.tls, d, false)
@@ -419,7 +426,11 @@ pub async fn verify_cluster<A: NodeAgents>(
                 .map(|()| format!("{vip} reachable from the node"));
             push(format!("{}.vip", n.name), d, CheckVerdict::Fail);
         }
-        let leftovers = agents_leftovers(inv, n, agents).await;
+        let leftovers = match agents.leftovers(n).await {
+            Ok(items) if items.is_empty() => Ok("nothing of Flannel left".to_string()),
+            Ok(items) => Err(format!("Flannel left: {}", items.join(", "))),
+            Err(e) => Err(e),
+        };
         push(
             format!("{}.flannel-leftovers", n.name),
             leftovers,
@@ -430,20 +441,30 @@ pub async fn verify_cluster<A: NodeAgents>(
             },
         );
     }
-    out
-}
-
-/// Flannel leftovers as the node's agent plans to remove them.
-async fn agents_leftovers<A: NodeAgents>(
-    _inv: &Inventory,
-    node: &Node,
-    agents: &A,
-) -> Result<String, String> {
-    match agents.pods_on_cni0(node).await {
-        Ok(0) => Ok("no pod on cni0".into()),
-        Ok(n) => Err(format!("{n} pods still on cni0")),
-        Err(e) => Err(e),
+    for (name, required) in [("cilium-operator", true), ("hubble-relay", false)] {
+        let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+            kube::Api::namespaced(kube.client.clone(), ns);
+        let r = match kube
+            .call(format!("get Deployment {ns}/{name}"), api.get_opt(name))
+            .await
+        {
+            Err(e) => Err(e.to_string()),
+            Ok(None) if required => Err(format!("no Deployment {ns}/{name}")),
+            Ok(None) => Ok(format!(
+                "not deployed ({name} is optional: Hubble is not enabled)"
+            )),
+            Ok(Some(d)) => {
+                let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+                if available > 0 {
+                    Ok(format!("{available} available"))
+                } else {
+                    Err(format!("Deployment {ns}/{name} has no available replica"))
+                }
+            }
+        };
+        push(name.to_string(), r, CheckVerdict::Fail);
     }
+    out
 }
 
 #[cfg(test)]

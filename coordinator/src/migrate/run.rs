@@ -1173,6 +1173,9 @@ mod tests {
                 .await
                 .map(|()| "cleaned".into())
         }
+        async fn leftovers(&self, _: &Node) -> Result<Vec<String>, Cause> {
+            Ok(vec![])
+        }
     }
 
     const NODES: [&str; 3] = ["opi01", "raccoon00", "raccoon01"];

@@ -307,6 +307,8 @@ pub trait NodeAgents {
     async fn dial(&self, node: &Node, target: std::net::SocketAddr) -> Result<(), Cause>;
     /// A not-yet-migrated node whose k3s came up without Flannel.
     async fn flannel_missing(&self, node: &Node) -> Result<bool, Cause>;
+    /// What of Flannel is left on the node (its cleanup plan's items).
+    async fn leftovers(&self, node: &Node) -> Result<Vec<String>, Cause>;
     /// Plans and applies the node's cleanup of Flannel's leftovers.
     async fn cleanup(&self, node: &Node) -> Result<String, Cause>;
 }
