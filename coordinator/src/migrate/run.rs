@@ -327,8 +327,14 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                 "resumed".into(),
             );
         }
-        for w in waiting.iter().filter(|n| n.role == Role::Worker) {
-            match self.ctx.agents.flannel_missing(w).await {
+        // Asked at once: one slow agent costs its own deadline, not the sum.
+        let workers: Vec<&Node> = waiting.iter().filter(|n| n.role == Role::Worker).collect();
+        let answers = {
+            let agents = self.ctx.agents;
+            futures::future::join_all(workers.iter().map(|w| agents.flannel_missing(w))).await
+        };
+        for (w, answer) in workers.into_iter().zip(answers) {
+            match answer {
                 Ok(false) => {}
                 Ok(true) => {
                     let cause = format!(
