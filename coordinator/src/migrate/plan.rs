@@ -69,12 +69,11 @@ impl Step {
     pub fn deadline(self, d: &Deadlines) -> Duration {
         match self {
             Step::Preflight => d.report,
-            Step::Cordon | Step::Uncordon | Step::Done => d.api,
+            Step::Cordon | Step::Uncordon | Step::Done | Step::Label => d.api,
             Step::Drain => d.drain,
             Step::ArmRollback | Step::Confirm => d.report,
-            // The label itself is one API call; the first one may run cilium_install.
+            // (cilium_install, before the first Label, has [deadlines] deploy of its own.)
             Step::Deploy => d.deploy,
-            Step::Label => d.api + d.deploy,
             Step::WaitCiliumReady => d.cilium_ready.max(d.node_ready),
             Step::Repod => d.repod,
             Step::Verify => d.verify,
@@ -439,7 +438,7 @@ mod tests {
         assert!(p.warnings[1].reason.contains("whichever server answers"));
         assert_eq!(
             p.warnings[3].message,
-            "[deadlines] confirm (10m) is shorter than Deploy..Verify may take (29m 10s)"
+            "[deadlines] confirm (10m) is shorter than Deploy..Verify may take (22m 10s)"
         );
         let t = table(&p);
         assert!(t.contains("  wave 3  worker     raccoon00\n"), "{t}");
