@@ -78,8 +78,19 @@ fn inventory(pki: &Path, agent: &str, deploy: &str) -> Inventory {
     .unwrap()
 }
 
-#[test]
-fn an_unconfirmed_node_is_rolled_back_by_its_agent_and_the_run_halts_saying_so() {
+struct Run {
+    outcome: Outcome,
+    took: Duration,
+    api: ApiServer,
+    agent: Agent,
+    count: std::path::PathBuf,
+    state: tempfile::TempDir,
+    inv: Inventory,
+    _pki: Pki,
+}
+
+/// One node, a real agent, the simulator with a Ready Cilium pod on the node.
+fn migrate(deploy: &str) -> Run {
     let pki = Pki::new(&["raccoon00"]).unwrap();
     let count = pki.path("rolled-back");
     let action = format!("sh -c \"echo rolled back {{node}} >> {}\"", count.display());
@@ -90,10 +101,12 @@ fn an_unconfirmed_node_is_rolled_back_by_its_agent_and_the_run_halts_saying_so()
         &["--rollback-command", &action],
     )
     .unwrap();
-    let inv = inventory(pki.dir.path(), &agent.address(), "echo switching; exit 1");
+    let inv = inventory(pki.dir.path(), &agent.address(), deploy);
     let tls = ClientTls::load(&inv.tls).unwrap();
     let api = ApiServer::new();
     api.add_node("raccoon00", false, true);
+    let cilium = serde_json::json!({"k8s-app": "cilium"});
+    api.add_daemonset_with_pods("cilium", "cilium", cilium, &["raccoon00"], true);
     let state = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -141,6 +154,30 @@ fn an_unconfirmed_node_is_rolled_back_by_its_agent_and_the_run_halts_saying_so()
         let o = d.run().await;
         (o, started.elapsed())
     });
+    Run {
+        outcome,
+        took,
+        api,
+        agent,
+        count,
+        state,
+        inv,
+        _pki: pki,
+    }
+}
+
+#[test]
+fn an_unconfirmed_node_is_rolled_back_by_its_agent_and_the_run_halts_saying_so() {
+    let Run {
+        outcome,
+        took,
+        api,
+        agent,
+        count,
+        state,
+        inv,
+        _pki: _keep,
+    } = migrate("echo switching; exit 1");
     let Outcome::Halted(h) = outcome else {
         panic!("completed: {}", agent.log())
     };
@@ -174,4 +211,25 @@ fn an_unconfirmed_node_is_rolled_back_by_its_agent_and_the_run_halts_saying_so()
     let j = Journal::open(state.path(), &inv, Accept::default(), "x").unwrap();
     let n = &j.state().nodes["raccoon00"];
     assert!(n.rolled_back.is_some() && n.done.is_empty(), "{n:?}");
+}
+
+#[test]
+fn a_node_that_passes_is_confirmed_over_a_new_connection_and_never_rolled_back() {
+    let r = migrate("echo switching");
+    assert_eq!(r.outcome, Outcome::Completed, "{}", r.agent.log());
+    let n = r.api.node("raccoon00").unwrap();
+    assert!(
+        n["spec"]["unschedulable"].is_null() || n["spec"]["unschedulable"] == false,
+        "{n}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !r.count.exists(),
+        "confirmed: the agent did not roll back past its deadline"
+    );
+    let j = Journal::open(r.state.path(), &r.inv, Accept::default(), "x").unwrap();
+    let s = j.state();
+    assert_eq!(s.nodes["raccoon00"].done.len(), 12);
+    assert!(s.cluster.done.contains("cleanup"));
+    let _ = r.took;
 }
