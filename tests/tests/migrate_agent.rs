@@ -207,6 +207,20 @@ fn an_unconfirmed_node_is_rolled_back_by_its_agent_and_the_run_halts_saying_so()
         true,
         "stays cordoned"
     );
+    let reasons: Vec<String> = api
+        .events_about("Node", "raccoon00")
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_string())
+        .collect();
+    for r in [
+        "MigrationPreflightDone",
+        "MigrationCordoned",
+        "MigrationArmRollbackDone",
+        "MigrationDeployStarted",
+        "MigrationDeployFailed",
+    ] {
+        assert!(reasons.iter().any(|x| x == r), "{r} not in {reasons:?}");
+    }
     // The journal says the node starts over.
     let j = Journal::open(state.path(), &inv, Accept::default(), "x").unwrap();
     let n = &j.state().nodes["raccoon00"];

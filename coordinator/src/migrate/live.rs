@@ -136,8 +136,9 @@ impl Cluster for KubeCluster<'_> {
     }
 
     async fn record(&self, node: &str, step: &str, ok: bool, note: &str) {
-        // The node steps record their own Events.
-        if ["cordon", "drain", "uncordon", "wait-cilium-ready"].contains(&step) {
+        // The node steps record their own Events (MigrationCordoned, ...).
+        let own = ["cordon-", "drain-", "uncordon-", "wait-cilium-ready-"];
+        if own.iter().any(|p| step.starts_with(p)) {
             return;
         }
         let reason = format!("Migration{}", camel(step));
@@ -506,6 +507,7 @@ mod tests {
     fn event_reasons_are_camel_case() {
         assert_eq!(super::camel("wait-cilium-ready"), "WaitCiliumReady");
         assert_eq!(super::camel("cordon"), "Cordon");
+        assert_eq!(super::camel("deploy-failed"), "DeployFailed");
         assert_eq!(crate::kube::ops::PAUSE_ANNOTATION, "cnishift.io/paused");
     }
 }

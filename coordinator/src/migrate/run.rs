@@ -614,7 +614,7 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                 .cluster
                 .record(
                     &n.name,
-                    step.name(),
+                    &format!("{}-started", step.name()),
                     true,
                     &format!("cnishift migrate: {} started", step.name()),
                 )
@@ -651,7 +651,7 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                     );
                     self.ctx
                         .cluster
-                        .record(&n.name, step.name(), true, &detail)
+                        .record(&n.name, &format!("{}-done", step.name()), true, &detail)
                         .await;
                     self.write(Record::Done {
                         node: Some(n.name.clone()),
@@ -672,7 +672,7 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                     );
                     self.ctx
                         .cluster
-                        .record(&n.name, step.name(), false, &cause)
+                        .record(&n.name, &format!("{}-failed", step.name()), false, &cause)
                         .await;
                     let _ = self.write(Record::Failed {
                         node: Some(n.name.clone()),
@@ -1325,6 +1325,11 @@ mod tests {
         );
         // An Event on the Node when each step starts and ends.
         assert_eq!(fake.events.lock().unwrap().len(), 3 * 12 * 2);
+        let ev = fake.events.lock().unwrap().clone();
+        assert_eq!(
+            ev[..2],
+            ["opi01 preflight-started true", "opi01 preflight-done true"]
+        );
         // Run again: all done, nothing is touched.
         let again = Fake::default();
         assert_eq!(
