@@ -102,7 +102,8 @@ fn ask(path: &std::path::Path, deadline: Duration) -> Result<Vec<u8>, String> {
             format!("Cilium's API socket: {e}")
         }
     };
-    let mut s = UnixStream::connect(path).map_err(|e| format!("cannot connect to Cilium's API socket: {e}"))?;
+    let mut s = UnixStream::connect(path)
+        .map_err(|e| format!("cannot connect to Cilium's API socket: {e}"))?;
     s.set_write_timeout(Some(left()?)).map_err(timed_out)?;
     s.write_all(b"GET /v1/healthz HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n\r\n")
         .map_err(timed_out)?;
@@ -146,7 +147,10 @@ fn ask(path: &std::path::Path, deadline: Duration) -> Result<Vec<u8>, String> {
     if code != "200" {
         return Err(format!(
             "Cilium's API answered {}: {}",
-            status_line.split_once(' ').map(|x| x.1).unwrap_or(status_line),
+            status_line
+                .split_once(' ')
+                .map(|x| x.1)
+                .unwrap_or(status_line),
             String::from_utf8_lossy(&body).trim()
         ));
     }
@@ -194,12 +198,12 @@ fn status(v: &serde_json::Value) -> Option<Status> {
 /// Cilium's `StatusResponse`: `cilium` is required; `cluster.ciliumHealth`
 /// optional.
 pub fn parse(body: &[u8]) -> Result<(Status, Option<Status>), String> {
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        format!("Cilium's API answer is unreadable: not JSON ({e})")
-    })?;
-    let cilium = v.get("cilium").and_then(status).ok_or_else(|| {
-        "Cilium's API answer is unreadable: no cilium.state in it".to_string()
-    })?;
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("Cilium's API answer is unreadable: not JSON ({e})"))?;
+    let cilium = v
+        .get("cilium")
+        .and_then(status)
+        .ok_or_else(|| "Cilium's API answer is unreadable: no cilium.state in it".to_string())?;
     const STATES: &[&str] = &["Ok", "Warning", "Failure", "Disabled"];
     if !STATES.contains(&cilium.state.as_str()) {
         return Err(format!(
@@ -221,13 +225,21 @@ mod tests {
     #[test]
     fn the_status_response_shape() {
         let (c, h) = parse(br#"{"cilium":{"state":"Failure","msg":"kvstore unreachable"},"cluster":{"ciliumHealth":{"state":"Ok"}}}"#).unwrap();
-        assert_eq!(c, Status { state: "Failure".into(), msg: "kvstore unreachable".into() });
+        assert_eq!(
+            c,
+            Status {
+                state: "Failure".into(),
+                msg: "kvstore unreachable".into()
+            }
+        );
         assert_eq!(h.unwrap().state, "Ok");
         assert_eq!(
             parse(b"{}").unwrap_err(),
             "Cilium's API answer is unreadable: no cilium.state in it"
         );
-        assert!(parse(b"<html>").unwrap_err().starts_with("Cilium's API answer is unreadable: not JSON ("));
+        assert!(parse(b"<html>")
+            .unwrap_err()
+            .starts_with("Cilium's API answer is unreadable: not JSON ("));
         assert_eq!(
             parse(br#"{"cilium":{"state":"Fine"}}"#).unwrap_err(),
             "Cilium's API answer is unreadable: unknown cilium.state \"Fine\""
@@ -236,7 +248,10 @@ mod tests {
 
     #[test]
     fn chunked_answers_are_decoded() {
-        assert_eq!(dechunk(b"4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n").unwrap(), b"{\"a\":1}");
+        assert_eq!(
+            dechunk(b"4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n").unwrap(),
+            b"{\"a\":1}"
+        );
         assert!(dechunk(b"zz\r\n").is_err());
         assert!(dechunk(b"10\r\nshort").is_err());
     }

@@ -500,9 +500,14 @@ pub fn apply(
             };
         }
     };
+    // Fault hook for the kill tests: abort after N items, as `kill -9` would.
+    // Only in test builds (feature `test-hooks`); the shipped agent has none.
+    #[cfg(feature = "test-hooks")]
     let crash_after: Option<usize> = std::env::var("CNISHIFT_TEST_CRASH_AFTER_ITEMS")
         .ok()
         .and_then(|v| v.parse().ok());
+    #[cfg(not(feature = "test-hooks"))]
+    let crash_after: Option<usize> = None;
     let has_interfaces = plan
         .items
         .iter()
@@ -568,7 +573,7 @@ pub fn apply(
         on_item(&o);
         outcomes.push(o);
         if crash_after == Some(n + 1) {
-            // Test hook: die like `kill -9` would, mid-apply.
+            // Test hook (see above): die mid-apply.
             std::process::abort();
         }
     }

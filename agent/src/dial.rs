@@ -185,7 +185,11 @@ pub async fn dial(address: &str, tls: bool, server_name: &str, timeout_ms: u64) 
             .dangerous()
             .with_custom_certificate_verifier(recorder.clone())
             .with_no_client_auth();
-        let sni = if server_name.is_empty() { host.as_str() } else { server_name };
+        let sni = if server_name.is_empty() {
+            host.as_str()
+        } else {
+            server_name
+        };
         let name = ServerName::try_from(sni.to_string())
             .map_err(|e| format!("server name {sni:?}: {e}"))?;
         let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
@@ -230,14 +234,25 @@ mod tests {
 
     #[test]
     fn hostile_or_malformed_addresses_are_refused() {
-        assert_eq!(check("10.1.0.5", 0).unwrap_err(), "address \"10.1.0.5\" is not HOST:PORT");
-        assert_eq!(check("10.1.0.5:0", 0).unwrap_err(), "address \"10.1.0.5:0\": \"0\" is not a port (1-65535)");
+        assert_eq!(
+            check("10.1.0.5", 0).unwrap_err(),
+            "address \"10.1.0.5\" is not HOST:PORT"
+        );
+        assert_eq!(
+            check("10.1.0.5:0", 0).unwrap_err(),
+            "address \"10.1.0.5:0\": \"0\" is not a port (1-65535)"
+        );
         assert_eq!(
             check("/etc/passwd:80", 0).unwrap_err(),
             "address \"/etc/passwd:80\": \"/etc/passwd\" is not an IP address or DNS name"
         );
-        assert!(check("10.1.0.5:6443", 50).unwrap_err().contains("out of range"));
-        assert_eq!(check("[::1]:6443", 0).unwrap(), ("::1".into(), 6443, DEFAULT_TIMEOUT));
+        assert!(check("10.1.0.5:6443", 50)
+            .unwrap_err()
+            .contains("out of range"));
+        assert_eq!(
+            check("[::1]:6443", 0).unwrap(),
+            ("::1".into(), 6443, DEFAULT_TIMEOUT)
+        );
     }
 
     #[tokio::test]
@@ -247,7 +262,12 @@ mod tests {
         drop(l);
         let r = dial(&addr.to_string(), false, "", 1000).await;
         assert!(!r.ok);
-        assert!(r.error.starts_with(&format!("TCP connect to {addr}: Connection refused")), "{}", r.error);
+        assert!(
+            r.error
+                .starts_with(&format!("TCP connect to {addr}: Connection refused")),
+            "{}",
+            r.error
+        );
     }
 
     #[tokio::test]

@@ -263,7 +263,10 @@ fn run_arm_state(args: ArmStateArgs) -> ExitCode {
             v
         }
         None => rollback::View {
-            message: format!("never armed (no {})", args.state_dir.join(rollback::STATE_FILE).display()),
+            message: format!(
+                "never armed (no {})",
+                args.state_dir.join(rollback::STATE_FILE).display()
+            ),
             ..Default::default()
         },
     };
@@ -276,9 +279,19 @@ fn run_arm_state(args: ArmStateArgs) -> ExitCode {
             println!("armed:     {}", view.armed);
             if !view.run_id.is_empty() {
                 println!("run:       {}", view.run_id);
-                println!("remaining: {} ms of {} ms", view.remaining_ms, view.timeout_ms);
+                println!(
+                    "remaining: {} ms of {} ms",
+                    view.remaining_ms, view.timeout_ms
+                );
                 println!("target:    {}", view.target);
-                println!("outcome:   {}", if view.outcome.is_empty() { "-" } else { &view.outcome });
+                println!(
+                    "outcome:   {}",
+                    if view.outcome.is_empty() {
+                        "-"
+                    } else {
+                        &view.outcome
+                    }
+                );
                 println!("attempts:  {}", view.attempts);
                 if view.rebooted_while_armed {
                     println!("rebooted while armed: yes");
@@ -290,7 +303,13 @@ fn run_arm_state(args: ArmStateArgs) -> ExitCode {
             }
         }
     }
-    ExitCode::from(if matches!(view.outcome.as_str(), "failed" | "interrupted") { 1 } else { 0 })
+    ExitCode::from(
+        if matches!(view.outcome.as_str(), "failed" | "interrupted") {
+            1
+        } else {
+            0
+        },
+    )
 }
 
 /// The agent itself could not run: say why on stderr, exit 2.
@@ -360,7 +379,10 @@ fn run_serve(args: ServeArgs) -> ExitCode {
         state_dir: args.state_dir.clone(),
         host: opts.host.clone(),
         node: opts.node_name.clone(),
-        command: args.rollback_command.clone().filter(|c| !c.trim().is_empty()),
+        command: args
+            .rollback_command
+            .clone()
+            .filter(|c| !c.trim().is_empty()),
         action_timeout: args.rollback_timeout,
     }) {
         Ok(s) => s,

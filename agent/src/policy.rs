@@ -794,7 +794,10 @@ pub fn k3s_network(f: &Facts) -> (K3sNetwork, String) {
         Some(d) => {
             return (
                 K3sNetwork::Unknown,
-                format!("k3s's containerd reads {d}, a directory k3s does not use by itself ({})", c.path),
+                format!(
+                    "k3s's containerd reads {d}, a directory k3s does not use by itself ({})",
+                    c.path
+                ),
             )
         }
         None if c.present => {
@@ -813,11 +816,17 @@ pub fn k3s_network(f: &Facts) -> (K3sNetwork, String) {
         ),
         (Some(Role::Server), Some(e)) => (
             K3sNetwork::Flannel,
-            format!("the k3s server process runs with flannel-backend={}", e.flannel_backend),
+            format!(
+                "the k3s server process runs with flannel-backend={}",
+                e.flannel_backend
+            ),
         ),
         _ => (
             K3sNetwork::Unknown,
-            format!("{} does not exist and the running k3s's backend cannot be seen", c.path),
+            format!(
+                "{} does not exist and the running k3s's backend cannot be seen",
+                c.path
+            ),
         ),
     }
 }

@@ -40,7 +40,8 @@ pub const BOOT_ID: &str = "proc/sys/kernel/random/boot_id";
 pub const NIXOS_PROFILE: &str = "nix/var/nix/profiles/system";
 /// The action on NixOS when no command is configured: the module's template
 /// unit, which runs outside the agent's sandboxed unit (see module.nix).
-pub const NIXOS_DEFAULT_COMMAND: &str = "systemctl start --wait cnishift-rollback@{generation}.service";
+pub const NIXOS_DEFAULT_COMMAND: &str =
+    "systemctl start --wait cnishift-rollback@{generation}.service";
 /// The placeholders a rollback command may use.
 pub const PLACEHOLDERS: &[&str] = &["{node}", "{generation}"];
 /// Shortest and longest countdown a caller may ask for.
@@ -300,17 +301,27 @@ impl Config {
         self.state_dir.join(STATE_FILE)
     }
 
+    /// The boot id: under the host root when it has one (a lab node's or a
+    /// test's own), else the kernel's own — the clock is the live kernel's,
+    /// like the live probes.
     fn boot_id(&self) -> Result<String, String> {
-        self.host
-            .read_trimmed(BOOT_ID)
-            .map_err(|e| format!("cannot read the boot id: {e}"))
-            .and_then(|b| {
-                if b.is_empty() {
-                    Err(format!("/{BOOT_ID} is empty"))
-                } else {
-                    Ok(b)
-                }
-            })
+        let read = |h: &HostPaths| {
+            h.read_trimmed(BOOT_ID)
+                .map_err(|e| format!("cannot read the boot id: {e}"))
+                .and_then(|b| {
+                    if b.is_empty() {
+                        Err(format!("/{BOOT_ID} is empty"))
+                    } else {
+                        Ok(b)
+                    }
+                })
+        };
+        match read(&self.host) {
+            Err(_) if !self.host.is_system_root() && !self.host.exists(BOOT_ID) => {
+                read(&HostPaths::system())
+            }
+            r => r,
+        }
     }
 
     /// What the rollback would run, resolved now.
@@ -334,7 +345,10 @@ impl Config {
                 "the rollback command {template:?} uses {{generation}}, but /{NIXOS_PROFILE} does not exist"
             ));
         }
-        let generation = nixos.as_ref().map(|(g, _)| g.to_string()).unwrap_or_default();
+        let generation = nixos
+            .as_ref()
+            .map(|(g, _)| g.to_string())
+            .unwrap_or_default();
         Ok(Target {
             generation: nixos.as_ref().map(|(g, _)| *g),
             store_path: nixos.map(|(_, p)| p),
@@ -353,9 +367,12 @@ impl Config {
 pub fn load(state_dir: &Path) -> Result<Option<Record>, String> {
     let p = state_dir.join(STATE_FILE);
     match fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| format!("{} is damaged ({e}); move it away to start afresh", p.display())),
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            format!(
+                "{} is damaged ({e}); move it away to start afresh",
+                p.display()
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read {}: {e}", p.display())),
     }
@@ -408,7 +425,8 @@ impl Switch {
                     );
                     tracing::error!(run = %r.run_id, "{}", r.message);
                 } else {
-                    r.message = "the agent died while the rollback ran; running it once more".into();
+                    r.message =
+                        "the agent died while the rollback ran; running it once more".into();
                     tracing::warn!(run = %r.run_id, "{}", r.message);
                 }
                 changed = true;
@@ -728,7 +746,11 @@ fn write(path: &Path, r: &Record) -> Result<(), String> {
 
 /// Runs the action in its own process group, output appended to `output`,
 /// killed (the whole group) at `timeout`. `Ok` only on exit status 0.
-pub async fn run_action(argv: &[String], output: &Path, timeout: Duration) -> Result<String, String> {
+pub async fn run_action(
+    argv: &[String],
+    output: &Path,
+    timeout: Duration,
+) -> Result<String, String> {
     let (prog, args) = argv
         .split_first()
         .ok_or_else(|| "the rollback command is empty".to_string())?;
@@ -808,8 +830,13 @@ mod tests {
             parse_template("rollback {nodes}").unwrap_err(),
             "rollback command \"rollback {nodes}\": unknown placeholder {nodes}; known: {node}, {generation}"
         );
-        assert!(parse_template("echo 'x").unwrap_err().contains("unbalanced quotes"));
-        assert_eq!(parse_template("  ").unwrap_err(), "the rollback command is empty");
+        assert!(parse_template("echo 'x")
+            .unwrap_err()
+            .contains("unbalanced quotes"));
+        assert_eq!(
+            parse_template("  ").unwrap_err(),
+            "the rollback command is empty"
+        );
         assert_eq!(
             parse_template("lab rollback --dir '/a b' {node}").unwrap(),
             vec!["lab", "rollback", "--dir", "/a b", "{node}"]
@@ -831,7 +858,11 @@ mod tests {
         assert_eq!(nixos_generation(&h).unwrap(), None);
         let profiles = d.path().join("nix/var/nix/profiles");
         fs::create_dir_all(&profiles).unwrap();
-        std::os::unix::fs::symlink("/nix/store/abc-nixos-system-opi01", profiles.join("system-42-link")).unwrap();
+        std::os::unix::fs::symlink(
+            "/nix/store/abc-nixos-system-opi01",
+            profiles.join("system-42-link"),
+        )
+        .unwrap();
         std::os::unix::fs::symlink("system-42-link", profiles.join("system")).unwrap();
         assert_eq!(
             nixos_generation(&h).unwrap(),
@@ -844,7 +875,12 @@ mod tests {
         let t = c.resolve_target().unwrap();
         assert_eq!(
             t.argv,
-            vec!["systemctl", "start", "--wait", "cnishift-rollback@42.service"]
+            vec![
+                "systemctl",
+                "start",
+                "--wait",
+                "cnishift-rollback@42.service"
+            ]
         );
         fs::remove_file(profiles.join("system")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", profiles.join("system")).unwrap();
@@ -863,11 +899,24 @@ mod tests {
         };
         let s = Switch::open(c).unwrap();
         let e = s.arm("r1", Duration::from_secs(5), 1).unwrap_err();
-        assert!(matches!(&e, Refused::Unavailable(m) if m.starts_with("no rollback action on this node")), "{e:?}");
-        assert!(load(&d.path().join("state")).unwrap().is_none(), "nothing recorded");
+        assert!(
+            matches!(&e, Refused::Unavailable(m) if m.starts_with("no rollback action on this node")),
+            "{e:?}"
+        );
+        assert!(
+            load(&d.path().join("state")).unwrap().is_none(),
+            "nothing recorded"
+        );
         let c = cfg(d.path(), "rollback {generation}");
-        let e = Switch::open(c).unwrap().arm("r1", Duration::from_secs(5), 1).unwrap_err();
-        assert!(e.to_string().contains("uses {generation}, but /nix/var/nix/profiles/system does not exist"), "{e}");
+        let e = Switch::open(c)
+            .unwrap()
+            .arm("r1", Duration::from_secs(5), 1)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("uses {generation}, but /nix/var/nix/profiles/system does not exist"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -880,15 +929,32 @@ mod tests {
         assert_eq!(on_disk.phase, Phase::Armed);
         assert_eq!(on_disk.target.argv, vec!["true", "raccoon00"]);
         let again = s.arm("r1", Duration::from_secs(600), 7).unwrap();
-        assert_eq!(again.timeout_ms, 60_000, "re-arming the same run keeps its deadline");
+        assert_eq!(
+            again.timeout_ms, 60_000,
+            "re-arming the same run keeps its deadline"
+        );
         let e = s.arm("r2", Duration::from_secs(60), 8).unwrap_err();
-        assert!(e.to_string().starts_with("already armed by run r1 ("), "{e}");
+        assert!(
+            e.to_string().starts_with("already armed by run r1 ("),
+            "{e}"
+        );
         let e = s.confirm("r1", 7).unwrap_err();
-        assert!(e.to_string().starts_with("Confirm came over the connection that armed"), "{e}");
-        assert!(s.confirm("r2", 8).unwrap_err().to_string().contains("armed by run r1, not r2"));
+        assert!(
+            e.to_string()
+                .starts_with("Confirm came over the connection that armed"),
+            "{e}"
+        );
+        assert!(s
+            .confirm("r2", 8)
+            .unwrap_err()
+            .to_string()
+            .contains("armed by run r1, not r2"));
         let v = s.confirm("r1", 8).unwrap();
         assert_eq!((v.armed, v.outcome.as_str()), (false, "confirmed"));
-        assert_eq!(load(&d.path().join("state")).unwrap().unwrap().phase, Phase::Confirmed);
+        assert_eq!(
+            load(&d.path().join("state")).unwrap().unwrap().phase,
+            Phase::Confirmed
+        );
         // Settled: a new run may arm.
         s.arm("r2", Duration::from_secs(60), 9).unwrap();
         assert_eq!(s.disarm("r2").unwrap().outcome, "disarmed");
@@ -898,8 +964,15 @@ mod tests {
     fn timeouts_out_of_range_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let s = Switch::open(cfg(d.path(), "true")).unwrap();
-        for t in [Duration::ZERO, Duration::from_millis(999), Duration::from_secs(24 * 3600 + 1)] {
-            assert!(matches!(s.arm("r", t, 1), Err(Refused::Invalid(_))), "{t:?}");
+        for t in [
+            Duration::ZERO,
+            Duration::from_millis(999),
+            Duration::from_secs(24 * 3600 + 1),
+        ] {
+            assert!(
+                matches!(s.arm("r", t, 1), Err(Refused::Invalid(_))),
+                "{t:?}"
+            );
         }
     }
 
@@ -919,7 +992,10 @@ mod tests {
         c.host = host(d.path(), "boot-2");
         let s = Switch::open(c.clone()).unwrap();
         let v = s.view();
-        assert!(v.armed && v.rebooted_while_armed && v.remaining_ms > 29_000, "{v:?}");
+        assert!(
+            v.armed && v.rebooted_while_armed && v.remaining_ms > 29_000,
+            "{v:?}"
+        );
         drop(s);
         // Interrupted once: runs once more.
         rec = Record {
@@ -940,7 +1016,11 @@ mod tests {
         assert_eq!(v.outcome, "interrupted");
         assert!(matches!(s.due(), Due::Idle));
         let e = s.arm("r9", Duration::from_secs(5), 1).unwrap_err();
-        assert!(e.to_string().starts_with("the last rollback (run r1) was interrupted"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("the last rollback (run r1) was interrupted"),
+            "{e}"
+        );
         assert_eq!(s.disarm("r1").unwrap().outcome, "disarmed");
         s.arm("r9", Duration::from_secs(5), 1).unwrap();
     }
@@ -952,7 +1032,10 @@ mod tests {
         fs::create_dir_all(&st).unwrap();
         fs::write(st.join(STATE_FILE), "{\"run_id\": \"r1\", \"timeo").unwrap();
         let e = Switch::open(cfg(d.path(), "true")).err().unwrap();
-        assert!(e.contains("rollback.json is damaged (") && e.ends_with("move it away to start afresh"), "{e}");
+        assert!(
+            e.contains("rollback.json is damaged (") && e.ends_with("move it away to start afresh"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
@@ -964,13 +1047,20 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         let t = std::time::Instant::now();
-        let e = run_action(&argv, &out, Duration::from_millis(300)).await.unwrap_err();
+        let e = run_action(&argv, &out, Duration::from_millis(300))
+            .await
+            .unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(3));
         assert!(e.ends_with("did not finish within 300ms; killed"), "{e}");
         assert_eq!(fs::read_to_string(&out).unwrap(), "starting\n");
-        let argv: Vec<String> = ["sh", "-c", "echo no >&2; exit 3"].iter().map(|s| s.to_string()).collect();
+        let argv: Vec<String> = ["sh", "-c", "echo no >&2; exit 3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(
-            run_action(&argv, &out, Duration::from_secs(5)).await.unwrap_err(),
+            run_action(&argv, &out, Duration::from_secs(5))
+                .await
+                .unwrap_err(),
             "`sh -c echo no >&2; exit 3` exited 3"
         );
         assert!(tail(&out).ends_with("no\n"));

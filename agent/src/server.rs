@@ -24,9 +24,9 @@ use tonic::{Request, Response, Status};
 use crate::cleanup;
 use crate::dial;
 use crate::policy::{Expect, Verdict};
-use crate::rollback::{self, Refused, Switch};
 use crate::remediate;
 use crate::report::{self, Report};
+use crate::rollback::{self, Refused, Switch};
 use crate::tls::{self, Reloadable};
 
 /// Requests are tiny (a flag at most); anything bigger is hostile or broken.

@@ -54,12 +54,7 @@ pub fn ensure_dir(dir: &Path) -> Result<(), String> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| {
-                format!(
-                    "cannot create the state directory {}: {e}",
-                    dir.display()
-                )
-            }),
+            .map_err(|e| format!("cannot create the state directory {}: {e}", dir.display())),
     }
 }
 
@@ -80,7 +75,10 @@ mod tests {
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

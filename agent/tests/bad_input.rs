@@ -114,27 +114,67 @@ fn unreadable_files_are_reported_with_their_path() {
 
 #[test]
 fn unreadable_for_a_non_root_reader() {
-    // Permission bits only bite non-root; as root this checks nothing useful,
-    // so it runs where it can fail and says so where it cannot.
-    if nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED (needs a non-root user): permission-denied reads; covered by the directory-as-file case");
-        return;
-    }
+    // Permission bits only bite non-root. As root (CI), the config is root's
+    // own 0600 file and the agent runs as nobody through setpriv; as any other
+    // user, the file is the user's own with no read bit. Either way the agent's
+    // reader is denied: it must say so and never pass a config it did not read.
     use std::os::unix::fs::PermissionsExt;
+    let root = nix::unistd::geteuid().is_root();
     let f = Fixture::new();
     f.kernel("6.6.64", "aarch64")
         .write("boot/config-6.6.64", "CONFIG_BPF=y\n");
-    std::fs::set_permissions(
-        f.root().join("boot/config-6.6.64"),
-        std::fs::Permissions::from_mode(0o000),
-    )
-    .unwrap();
-    let (_, r) = fixture_report(&f);
-    let rejected = r["facts"]["kernel_config"]["rejected_sources"][0]
-        .as_str()
+    let config = f.root().join("boot/config-6.6.64");
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    if root {
+        // Control: root reads the same tree, so what follows is the permission.
+        let (_, r) = fixture_report(&f);
+        assert_eq!(r["facts"]["kernel_config"]["source"], "/boot/config-6.6.64");
+        mode(f.root(), 0o755); // a temp dir is 0700: let nobody walk the tree
+        mode(&config, 0o600);
+    } else {
+        mode(&config, 0o000);
+    }
+    let (mut cmd, _bin_dir) = if root {
+        as_nobody()
+    } else {
+        (agent_command(), tempfile::tempdir().unwrap())
+    };
+    let out = cmd
+        .args(["report", "--json", "--no-live-probes", "--host-root"])
+        .arg(f.root())
+        .output()
         .unwrap();
-    assert!(rejected.contains("Permission denied"), "{rejected}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}), {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    // The agent did run and read the tree: the readable files were read.
+    assert_eq!(verdict(&r, "kernel.version"), "pass", "{r:#}");
+    let facts = &r["facts"]["kernel_config"];
+    assert!(facts["source"].is_null(), "{facts:#}");
+    assert_eq!(
+        facts["rejected_sources"],
+        serde_json::json!([
+            "/boot/config-6.6.64 could not be read: Permission denied (os error 13)"
+        ]),
+        "{facts:#}"
+    );
+    assert_eq!(verdict(&r, "kernel.config.file"), "warn");
+    assert_eq!(
+        message(&r, "kernel.config.file"),
+        "cannot verify kernel options: no usable kernel config: /boot/config-6.6.64 could not be read: Permission denied (os error 13)"
+    );
     assert_no_config_pass(&r);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "warnings alone do not make the node not-ready; 2 would be an agent error"
+    );
 }
 
 #[test]

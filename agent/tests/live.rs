@@ -80,6 +80,8 @@ fn live_jit_and_bpffs_match_the_kernel() {
     if enable == "1" || enable == "2" {
         assert!(jit["jited_len"].as_u64().unwrap() > 0);
         assert_eq!(verdict(&r, "bpf.jit"), "pass");
+    } else {
+        assert_eq!(verdict(&r, "bpf.jit"), "fail", "the JIT is off");
     }
     // stat(1) reads the filesystem type independently.
     let fstype = sh("stat", &["-f", "-c", "%T", "/sys/fs/bpf"]);

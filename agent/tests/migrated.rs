@@ -38,7 +38,7 @@ fn fake_cilium(f: &Fixture, answer: Option<&'static str>) -> std::thread::JoinHa
             );
             match answer {
                 Some(raw) if raw.starts_with("RAW ") => {
-                    let _ = s.write_all(raw["RAW ".len()..].as_bytes());
+                    let _ = s.write_all(&raw.as_bytes()["RAW ".len()..]);
                 }
                 Some(body) => {
                     let _ = write!(
@@ -75,11 +75,19 @@ fn cilium_says_ok_and_it_passes() {
     let f = node();
     let _srv = fake_cilium(
         &f,
-        Some(r#"{"cilium":{"state":"Ok","msg":""},"cluster":{"ciliumHealth":{"state":"Ok"}},"kubernetes":{"state":"Ok","msg":"1.33"}}"#),
+        Some(
+            r#"{"cilium":{"state":"Ok","msg":""},"cluster":{"ciliumHealth":{"state":"Ok"}},"kubernetes":{"state":"Ok","msg":"1.33"}}"#,
+        ),
     );
     let r = report(&f, "cilium");
-    assert_eq!(verdict(&r, "cilium.health"), "pass", "{}", message(&r, "cilium.health"));
-    assert!(message(&r, "cilium.health").starts_with("Cilium says Ok (GET /v1/healthz on /var/run/cilium/cilium.sock, "));
+    assert_eq!(
+        verdict(&r, "cilium.health"),
+        "pass",
+        "{}",
+        message(&r, "cilium.health")
+    );
+    assert!(message(&r, "cilium.health")
+        .starts_with("Cilium says Ok (GET /v1/healthz on /var/run/cilium/cilium.sock, "));
     assert_eq!(r["facts"]["cilium"]["cilium"]["state"], "Ok");
 }
 
@@ -88,7 +96,9 @@ fn cilium_says_failure_and_the_check_fails_in_ciliums_words() {
     let f = node();
     let _srv = fake_cilium(
         &f,
-        Some(r#"{"cilium":{"state":"Failure","msg":"Kubernetes apiserver unreachable: dial tcp 10.43.0.1:443: i/o timeout"}}"#),
+        Some(
+            r#"{"cilium":{"state":"Failure","msg":"Kubernetes apiserver unreachable: dial tcp 10.43.0.1:443: i/o timeout"}}"#,
+        ),
     );
     let r = report(&f, "unspecified");
     assert_eq!(verdict(&r, "cilium.health"), "fail");
@@ -105,16 +115,32 @@ fn cilium_says_failure_and_the_check_fails_in_ciliums_words() {
 #[test]
 fn garbage_and_http_errors_are_unreadable_failures_never_a_pass() {
     for (answer, expected) in [
-        ("<html>hello</html>", "Cilium's API answer is unreadable: not JSON ("),
-        ("RAW HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops", "Cilium's API answered 500 Internal Server Error: oops ("),
-        ("RAW SSH-2.0-OpenSSH_9.2\r\n", "Cilium's API answer is unreadable: not HTTP ("),
-        (r#"{"cilium":{"state":"Grand"}}"#, "Cilium's API answer is unreadable: unknown cilium.state \"Grand\" ("),
+        (
+            "<html>hello</html>",
+            "Cilium's API answer is unreadable: not JSON (",
+        ),
+        (
+            "RAW HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops",
+            "Cilium's API answered 500 Internal Server Error: oops (",
+        ),
+        (
+            "RAW SSH-2.0-OpenSSH_9.2\r\n",
+            "Cilium's API answer is unreadable: not HTTP (",
+        ),
+        (
+            r#"{"cilium":{"state":"Grand"}}"#,
+            "Cilium's API answer is unreadable: unknown cilium.state \"Grand\" (",
+        ),
     ] {
         let f = node();
         let _srv = fake_cilium(&f, Some(answer));
         let r = report(&f, "cilium");
         assert_eq!(verdict(&r, "cilium.health"), "fail", "{answer}");
-        assert!(message(&r, "cilium.health").starts_with(expected), "{answer}: {}", message(&r, "cilium.health"));
+        assert!(
+            message(&r, "cilium.health").starts_with(expected),
+            "{answer}: {}",
+            message(&r, "cilium.health")
+        );
     }
 }
 
@@ -144,13 +170,15 @@ fn no_socket_warns_before_the_migration_and_fails_after() {
     );
     let after = report(&f, "cilium");
     assert_eq!(verdict(&after, "cilium.health"), "fail");
-    assert!(message(&after, "cilium.health").starts_with("Cilium's API socket /var/run/cilium/cilium.sock does not exist"));
+    assert!(message(&after, "cilium.health")
+        .starts_with("Cilium's API socket /var/run/cilium/cilium.sock does not exist"));
     // A socket nobody listens on is refused, precisely.
     std::fs::create_dir_all(f.root().join("var/run/cilium")).unwrap();
     drop(UnixListener::bind(f.root().join("var/run/cilium/cilium.sock")).unwrap());
     let r = report(&f, "cilium");
     assert!(
-        message(&r, "cilium.health").starts_with("cannot connect to Cilium's API socket: Connection refused"),
+        message(&r, "cilium.health")
+            .starts_with("cannot connect to Cilium's API socket: Connection refused"),
         "{}",
         message(&r, "cilium.health")
     );
@@ -164,9 +192,8 @@ fn cleanup_plan(f: &Fixture) -> serde_json::Value {
         .arg(f.root().join("state"))
         .output()
         .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout))
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn interlocks(plan: &serde_json::Value) -> Vec<String> {
@@ -251,7 +278,11 @@ fn a_migrated_node_needs_ciliums_conflist_where_containerd_reads() {
     assert_eq!(verdict(&r, "cilium.interfaces"), "fail");
     // Before the migration none of these are judged.
     let before = report(&f, "unspecified");
-    assert!(before["checks"].as_array().unwrap().iter().all(|c| c["id"] != "cilium.cni"));
+    assert!(before["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["id"] != "cilium.cni"));
 }
 
 #[test]
@@ -265,7 +296,17 @@ fn cilium_host_and_cilium_net_must_be_up_in_the_nodes_namespace() {
     ns.run("ip link set cilium_host up");
     let report_in_ns = || {
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.0, &agent_bin(), "report", "--json", "--expect", "cilium", "--host-root"])
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                &agent_bin(),
+                "report",
+                "--json",
+                "--expect",
+                "cilium",
+                "--host-root",
+            ])
             .arg(f.root())
             .output()
             .unwrap();
@@ -276,7 +317,12 @@ fn cilium_host_and_cilium_net_must_be_up_in_the_nodes_namespace() {
     assert_eq!(message(&r, "cilium.interfaces"), "cilium_net is down");
     ns.run("ip link set cilium_net up");
     let r = report_in_ns();
-    assert_eq!(verdict(&r, "cilium.interfaces"), "pass", "{}", message(&r, "cilium.interfaces"));
+    assert_eq!(
+        verdict(&r, "cilium.interfaces"),
+        "pass",
+        "{}",
+        message(&r, "cilium.interfaces")
+    );
     assert_eq!(verdict(&r, "cilium.pods"), "pass");
     // A pod left on Flannel's bridge fails the migrated verdict.
     ns.run("ip link add cni0 type bridge");
@@ -284,5 +330,6 @@ fn cilium_host_and_cilium_net_must_be_up_in_the_nodes_namespace() {
     ns.run("ip link set vethpod1 master cni0");
     let r = report_in_ns();
     assert_eq!(verdict(&r, "cilium.pods"), "fail");
-    assert!(message(&r, "cilium.pods").starts_with("1 pod interfaces are still on Flannel's cni0 (vethpod1)"));
+    assert!(message(&r, "cilium.pods")
+        .starts_with("1 pod interfaces are still on Flannel's cni0 (vethpod1)"));
 }

@@ -244,12 +244,19 @@ pub async fn arm_rollback(
         run_id: run_id.into(),
         timeout_ms: timeout.as_millis() as u64,
     };
-    with_client(node, tls, deadlines, deadlines.report, "arm answer", |mut c| async move {
-        c.arm_rollback(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| status_error(node, s))
-    })
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        "arm answer",
+        |mut c| async move {
+            c.arm_rollback(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| status_error(node, s))
+        },
+    )
     .await
 }
 
@@ -265,12 +272,19 @@ pub async fn confirm(
     let req = pb::ConfirmRequest {
         run_id: run_id.into(),
     };
-    with_client(node, tls, deadlines, deadlines.report, "confirm answer", |mut c| async move {
-        c.confirm(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| status_error(node, s))
-    })
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        "confirm answer",
+        |mut c| async move {
+            c.confirm(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| status_error(node, s))
+        },
+    )
     .await
 }
 
@@ -284,12 +298,19 @@ pub async fn disarm(
     let req = pb::DisarmRequest {
         run_id: run_id.into(),
     };
-    with_client(node, tls, deadlines, deadlines.report, "disarm answer", |mut c| async move {
-        c.disarm(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| status_error(node, s))
-    })
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        "disarm answer",
+        |mut c| async move {
+            c.disarm(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| status_error(node, s))
+        },
+    )
     .await
 }
 
@@ -299,12 +320,19 @@ pub async fn arm_state(
     tls: &ClientTls,
     deadlines: &Deadlines,
 ) -> Result<pb::ArmState, CallError> {
-    with_client(node, tls, deadlines, deadlines.report, "arm state", |mut c| async move {
-        c.get_arm_state(pb::ArmStateRequest {})
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| status_error(node, s))
-    })
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        "arm state",
+        |mut c| async move {
+            c.get_arm_state(pb::ArmStateRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| status_error(node, s))
+        },
+    )
     .await
 }
 
@@ -315,12 +343,19 @@ pub async fn dial_from_node(
     deadlines: &Deadlines,
     req: pb::DialRequest,
 ) -> Result<pb::DialResult, CallError> {
-    with_client(node, tls, deadlines, deadlines.report, "dial result", |mut c| async move {
-        c.dial_from_node(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| status_error(node, s))
-    })
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        "dial result",
+        |mut c| async move {
+            c.dial_from_node(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| status_error(node, s))
+        },
+    )
     .await
 }
 

@@ -826,69 +826,125 @@ address = "raccoon00.lan:7443"
 
         let bad =
             |section: &str| err(&GOOD.replace("[deadlines]", &format!("{section}\n\n[deadlines]")));
-        let e = bad("[drain]\nparallel_evictions = 0");
-        assert!(
-            e.message
-                .contains("drain.parallel_evictions: 0 is not between 1 and 256"),
+        expect(
+            &bad("[drain]\nparallel_evictions = 0"),
+            (13, 22),
+            "drain.parallel_evictions: 0 is not between 1 and 256",
+            None,
+        );
+        expect(
+            &bad("[drain]\nretry_interval = \"soon\""),
+            (13, 18),
+            "drain.retry_interval: \"soon\" is not a duration (expected number at 0)",
+            Some(DURATION_HINT),
+        );
+        expect(
+            &bad("[drain]\nallow_unmanged = true"),
+            (13, 1),
+            "unknown field `allow_unmanged`, expected one of `allow_unmanaged`, \
+             `allow_local_storage`, `parallel_evictions`, `retry_interval`",
+            Some(UNKNOWN_KEY_HINT),
+        );
+        expect(
+            &bad("[drain]\nallow_unmanaged = \"yes\""),
+            (13, 19),
+            "invalid type: string \"yes\", expected a boolean",
+            None,
+        );
+    }
+
+    const DURATION_HINT: &str = "write it like \"5s\", \"2m\" or \"1h 30m\"";
+    const UNKNOWN_KEY_HINT: &str =
+        "remove or rename the key; the accepted keys are listed after \"expected\"";
+    const ADDRESS_HINT: &str = "write HOST:PORT, e.g. address = \"10.1.0.11:7443\"";
+
+    /// The whole error: where it points, what it says, and its hint.
+    fn expect(e: &InventoryError, at: (usize, usize), message: &str, hint: Option<&str>) {
+        assert_eq!(
+            (e.line, e.column, e.message.as_str(), e.hint.as_deref()),
+            (at.0, at.1, message, hint),
             "{e}"
         );
-        assert!(e.line > 0, "{e}");
-        let e = bad("[drain]\nretry_interval = \"soon\"");
-        assert!(e.message.starts_with("drain.retry_interval"), "{e}");
-        let e = bad("[drain]\nallow_unmanged = true");
-        assert!(e.message.contains("unknown field `allow_unmanged`"), "{e}");
-        let e = bad("[drain]\nallow_unmanaged = \"yes\"");
-        assert!(e.message.contains("invalid type"), "{e}");
     }
 
     #[test]
     fn errors_name_line_column_and_a_fix() {
         let e = err(&GOOD.replace("role = \"worker\"", "role = \"wrker\""));
-        assert_eq!((e.line, e.column), (22, 8), "{e}");
-        assert!(
-            e.to_string().contains("cluster.toml:22:8") && e.to_string().contains("controller"),
-            "{e}"
+        expect(
+            &e,
+            (22, 8),
+            "unknown variant `wrker`, expected `controller` or `worker`",
+            Some("role is \"controller\" or \"worker\""),
         );
-
-        let e = err(&GOOD.replace("name = \"raccoon00\"", "name = \"opi01\""));
-        assert!(
-            e.message
-                .contains("duplicate node name \"opi01\" (first defined at line 16)"),
-            "{e}"
+        assert_eq!(
+            e.to_string(),
+            "/etc/cnishift/cluster.toml:22:8: unknown variant `wrker`, expected `controller` \
+             or `worker`\n  hint: role is \"controller\" or \"worker\""
         );
-        assert_eq!(e.line, 21);
-
-        let e = err(&GOOD.replace("10.1.0.11:7443", "10.1.0.11"));
-        assert!(
-            e.message.contains("has no port") && e.hint.as_deref().unwrap().contains("HOST:PORT"),
-            "{e}"
+        expect(
+            &err(&GOOD.replace("name = \"raccoon00\"", "name = \"opi01\"")),
+            (21, 8),
+            "duplicate node name \"opi01\" (first defined at line 16)",
+            Some("every [[nodes]] entry needs its own name"),
         );
-        assert_eq!(e.line, 18);
-        assert!(err(&GOOD.replace("10.1.0.11:7443", "10.1.0.300:7443"))
-            .message
-            .contains("invalid IPv4"));
-        assert!(err(&GOOD.replace("10.1.0.11:7443", "10.1.0.11:99999"))
-            .message
-            .contains("invalid port"));
-
-        let e = err(&GOOD.replace("[deadlines]", "[deadlines]\nrepor = \"1s\""));
-        assert!(e.message.contains("unknown field `repor`"), "{e}");
-        assert_eq!(e.line, 13);
-
-        let e = err(&GOOD.replace("connect = \"2s\"", "connect = \"soon\""));
-        assert!(e.message.contains("not a duration"), "{e}");
-        assert!(
-            err(&GOOD.replace("name = \"opi01\"", "name = \"../opi01\""))
-                .message
-                .contains("not a usable node name")
+        expect(
+            &err(&GOOD.replace("10.1.0.11:7443", "10.1.0.11")),
+            (18, 11),
+            "node \"opi01\": address \"10.1.0.11\" has no port",
+            Some(ADDRESS_HINT),
         );
-        assert!(err(&GOOD.replace("10.42.0.0/16", "10.42.0.0/33"))
-            .message
-            .contains("not a CIDR"));
-        assert!(err("garbage = [").message.contains("invalid") || err("garbage = [").line == 1);
-        assert!(err("[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n")
-            .message
-            .contains("no [[nodes]]"));
+        expect(
+            &err(&GOOD.replace("10.1.0.11:7443", "10.1.0.300:7443")),
+            (18, 11),
+            "node \"opi01\": address \"10.1.0.300:7443\" has an invalid IPv4 address \"10.1.0.300\"",
+            Some(ADDRESS_HINT),
+        );
+        expect(
+            &err(&GOOD.replace("10.1.0.11:7443", "10.1.0.11:99999")),
+            (18, 11),
+            "node \"opi01\": address \"10.1.0.11:99999\" has an invalid port \"99999\"",
+            Some(ADDRESS_HINT),
+        );
+        expect(
+            &err(&GOOD.replace("[deadlines]", "[deadlines]\nrepor = \"1s\"")),
+            (13, 1),
+            "unknown field `repor`, expected one of `connect`, `report`, `cleanup`, `drain`, \
+             `node_ready`, `cilium_ready`, `api`, `lock_ttl`",
+            Some(UNKNOWN_KEY_HINT),
+        );
+        expect(
+            &err(&GOOD.replace("connect = \"2s\"", "connect = \"soon\"")),
+            (13, 11),
+            "deadlines.connect: \"soon\" is not a duration (expected number at 0)",
+            Some(DURATION_HINT),
+        );
+        expect(
+            &err(&GOOD.replace("name = \"opi01\"", "name = \"../opi01\"")),
+            (16, 8),
+            "\"../opi01\" is not a usable node name: use letters, digits, '-' and '.' \
+             (a DNS name, as in the inventory)",
+            None,
+        );
+        expect(
+            &err(&GOOD.replace("10.42.0.0/16", "10.42.0.0/33")),
+            (5, 12),
+            "cluster.pod_cidr: \"10.42.0.0/33\" is not a CIDR",
+            Some("e.g. \"10.42.0.0/16\""),
+        );
+        // TOML syntax errors keep the parser's message and position.
+        expect(
+            &err("garbage = ["),
+            (1, 12),
+            "unclosed array, expected `]`",
+            None,
+        );
+        // No position: the error is about what is missing from the whole file.
+        expect(
+            &err("[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"),
+            (0, 0),
+            "no [[nodes]] defined",
+            Some("add one [[nodes]] table per node: name, role (controller|worker), address"),
+        );
     }
 
     #[test]
@@ -901,12 +957,15 @@ address = "raccoon00.lan:7443"
             },
         )
         .unwrap_err();
-        assert!(
-            e.message
-                .contains("tls.ca: /nonexistent/pki/ca.pem does not exist"),
-            "{e}"
+        expect(
+            &e,
+            (8, 6),
+            "tls.ca: /nonexistent/pki/ca.pem does not exist",
+            Some(
+                "create it with `cnishift certs init/issue --dir DIR`; relative paths are \
+                 relative to the inventory file",
+            ),
         );
-        assert_eq!(e.line, 8);
     }
 
     /// GOOD with `extra` inserted before its `[deadlines]` table.

@@ -627,8 +627,10 @@ fn kubectl_shows_what_the_coordinator_did_events_lease_and_workload() {
     s.rt.block_on(guard.release()).unwrap();
     let gone = s.kubectl(&["get", "lease", "-n", "kube-system", "cnishift-migration"]);
     assert!(!gone.status.success());
+    // A 404 from the server, not a kubectl or connection error.
+    let stderr = String::from_utf8_lossy(&gone.stderr);
     assert!(
-        String::from_utf8_lossy(&gone.stderr).contains("NotFound")
-            || String::from_utf8_lossy(&gone.stderr).contains("not found")
+        stderr.starts_with("Error from server (NotFound): "),
+        "{stderr}"
     );
 }

@@ -71,7 +71,7 @@ async fn report_with(
 ) -> Result<pb::NodeReport, String> {
     let ch = channel(agent, ca, identity, "n1").await?;
     NodeAgentClient::new(ch)
-        .get_report(pb::ReportRequest {})
+        .get_report(pb::ReportRequest::default())
         .await
         .map(|r| r.into_inner())
         .map_err(|s| format!("{s:?}"))
@@ -135,7 +135,7 @@ async fn a_plaintext_client_is_refused() {
         .connect_timeout(Duration::from_secs(3));
     let result = match ch.connect().await {
         Ok(ch) => NodeAgentClient::new(ch)
-            .get_report(pb::ReportRequest {})
+            .get_report(pb::ReportRequest::default())
             .await
             .map(|_| ())
             .map_err(|s| s.to_string()),
@@ -226,7 +226,7 @@ async fn an_agent_identity_may_read_but_not_change() {
         .unwrap();
     let mut client = NodeAgentClient::new(ch);
     assert!(
-        client.get_report(pb::ReportRequest {}).await.is_ok(),
+        client.get_report(pb::ReportRequest::default()).await.is_ok(),
         "read-only RPCs are open to any cluster identity"
     );
     let status = client
@@ -513,7 +513,7 @@ async fn rotated_certificates_are_picked_up_without_dropping_the_listener() {
     );
     // The connection made before the rotation still works.
     NodeAgentClient::new(old)
-        .get_report(pb::ReportRequest {})
+        .get_report(pb::ReportRequest::default())
         .await
         .unwrap();
     still_serving(&agent, pki.dir.path()).await;

@@ -29,7 +29,10 @@ impl Agent {
         let mut a = Agent {
             child: None,
             port: free_port().unwrap(),
-            dir: tempfile::Builder::new().prefix("cnishift-rb-").tempdir().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("cnishift-rb-")
+                .tempdir()
+                .unwrap(),
             pki: pki.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -135,14 +138,23 @@ fn state(rt: &tokio::runtime::Runtime, a: &Agent, tls: &ClientTls) -> pb::ArmSta
 }
 
 /// Waits until the agent reports an outcome other than "" and "running".
-fn wait_outcome(rt: &tokio::runtime::Runtime, a: &Agent, tls: &ClientTls, limit: Duration) -> pb::ArmState {
+fn wait_outcome(
+    rt: &tokio::runtime::Runtime,
+    a: &Agent,
+    tls: &ClientTls,
+    limit: Duration,
+) -> pb::ArmState {
     let start = Instant::now();
     loop {
         let s = state(rt, a, tls);
         if !s.outcome.is_empty() && s.outcome != "running" {
             return s;
         }
-        assert!(start.elapsed() < limit, "no outcome after {limit:?}: {s:?}\n{}", a.log());
+        assert!(
+            start.elapsed() < limit,
+            "no outcome after {limit:?}: {s:?}\n{}",
+            a.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -157,18 +169,39 @@ fn unconfirmed_the_action_runs_exactly_once_and_is_reported() {
     let rt = rt();
     let d = Deadlines::default();
     let armed = rt
-        .block_on(agents::arm_rollback(&a.node(), &tls, &d, "run-1", Duration::from_secs(2)))
+        .block_on(agents::arm_rollback(
+            &a.node(),
+            &tls,
+            &d,
+            "run-1",
+            Duration::from_secs(2),
+        ))
         .unwrap();
     assert!(armed.armed && armed.remaining_ms > 1500, "{armed:?}");
-    assert_eq!(armed.target, format!("`sh -c echo rolled back raccoon00 >> {}`", a.count_file().display()));
+    assert_eq!(
+        armed.target,
+        format!(
+            "`sh -c echo rolled back raccoon00 >> {}`",
+            a.count_file().display()
+        )
+    );
     assert_eq!(a.runs(), 0);
     let s = wait_outcome(&rt, &a, &tls, Duration::from_secs(6));
-    assert_eq!((s.outcome.as_str(), s.fired, s.attempts, s.armed), ("succeeded", true, 1, false), "{s:?}");
+    assert_eq!(
+        (s.outcome.as_str(), s.fired, s.attempts, s.armed),
+        ("succeeded", true, 1, false),
+        "{s:?}"
+    );
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(a.runs(), 1, "exactly one run");
-    assert_eq!(std::fs::read_to_string(a.count_file()).unwrap(), "rolled back raccoon00\n");
+    assert_eq!(
+        std::fs::read_to_string(a.count_file()).unwrap(),
+        "rolled back raccoon00\n"
+    );
     // The report carries the same state.
-    let r = rt.block_on(agents::get_report(&a.node(), &tls, &d)).unwrap();
+    let r = rt
+        .block_on(agents::get_report(&a.node(), &tls, &d))
+        .unwrap();
     assert_eq!(r.arm_state.unwrap().outcome, "succeeded");
     // And so does the state on disk, read without the server.
     let out = Command::new(binary("cnishift-agent", "CNISHIFT_AGENT_BIN").unwrap())
@@ -206,17 +239,31 @@ fn confirmed_over_a_new_connection_in_time_never_runs_and_on_the_arming_one_is_r
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(
-            e.message().starts_with("Confirm came over the connection that armed; it must come over a new connection"),
+            e.message().starts_with(
+                "Confirm came over the connection that armed; it must come over a new connection"
+            ),
             "{}",
             e.message()
         );
     });
     // A second run id is refused, naming the holder.
     let e = rt
-        .block_on(agents::arm_rollback(&a.node(), &tls, &d, "run-x", Duration::from_secs(5)))
+        .block_on(agents::arm_rollback(
+            &a.node(),
+            &tls,
+            &d,
+            "run-x",
+            Duration::from_secs(5),
+        ))
         .unwrap_err();
-    assert!(e.to_string().starts_with("agent error FailedPrecondition: already armed by run run-2 ("), "{e}");
-    let s = rt.block_on(agents::confirm(&a.node(), &tls, &d, "run-2")).unwrap();
+    assert!(
+        e.to_string()
+            .starts_with("agent error FailedPrecondition: already armed by run run-2 ("),
+        "{e}"
+    );
+    let s = rt
+        .block_on(agents::confirm(&a.node(), &tls, &d, "run-2"))
+        .unwrap();
     assert_eq!(s.outcome, "confirmed");
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(a.runs(), 0, "a confirmed switch never rolls back");
@@ -231,8 +278,14 @@ fn killed_while_armed_the_restarted_agent_keeps_the_deadline_and_fires() {
     let rt = rt();
     let d = Deadlines::default();
     let armed_at = Instant::now();
-    rt.block_on(agents::arm_rollback(&a.node(), &tls, &d, "run-3", Duration::from_secs(4)))
-        .unwrap();
+    rt.block_on(agents::arm_rollback(
+        &a.node(),
+        &tls,
+        &d,
+        "run-3",
+        Duration::from_secs(4),
+    ))
+    .unwrap();
     a.kill9();
     std::thread::sleep(Duration::from_millis(500));
     a.spawn();
@@ -264,13 +317,25 @@ fn a_new_boot_restarts_the_countdown_and_nothing_fires_at_start() {
     let host_root = root.path().display().to_string();
     let mut a = Agent::start(
         pki.dir.path(),
-        &["--rollback-command", COUNTING, "--host-root", &host_root, "--no-live-probes"],
+        &[
+            "--rollback-command",
+            COUNTING,
+            "--host-root",
+            &host_root,
+            "--no-live-probes",
+        ],
     );
     let tls = client_tls(pki.dir.path(), "coordinator");
     let rt = rt();
     let d = Deadlines::default();
-    rt.block_on(agents::arm_rollback(&a.node(), &tls, &d, "run-4", Duration::from_secs(3)))
-        .unwrap();
+    rt.block_on(agents::arm_rollback(
+        &a.node(),
+        &tls,
+        &d,
+        "run-4",
+        Duration::from_secs(3),
+    ))
+    .unwrap();
     a.kill9();
     // The node is "down" for longer than the whole timeout, then boots anew.
     std::thread::sleep(Duration::from_millis(3200));
@@ -292,21 +357,42 @@ fn a_failing_or_hanging_action_is_bounded_reported_failed_and_not_rerun() {
     let rt = rt();
     let d = Deadlines::default();
     for (cmd, expect) in [
-        ("sh -c \"echo attempt >> COUNT; echo disk full >&2; exit 3\"", "exited 3"),
-        ("sh -c \"echo attempt >> COUNT; sleep 60\"", "did not finish within 1s; killed"),
+        (
+            "sh -c \"echo attempt >> COUNT; echo disk full >&2; exit 3\"",
+            "exited 3",
+        ),
+        (
+            "sh -c \"echo attempt >> COUNT; sleep 60\"",
+            "did not finish within 1s; killed",
+        ),
     ] {
-        let a = Agent::start(pki.dir.path(), &["--rollback-command", cmd, "--rollback-timeout", "1s"]);
-        rt.block_on(agents::arm_rollback(&a.node(), &tls, &d, "run-5", Duration::from_secs(1)))
-            .unwrap();
+        let a = Agent::start(
+            pki.dir.path(),
+            &["--rollback-command", cmd, "--rollback-timeout", "1s"],
+        );
+        rt.block_on(agents::arm_rollback(
+            &a.node(),
+            &tls,
+            &d,
+            "run-5",
+            Duration::from_secs(1),
+        ))
+        .unwrap();
         let t = Instant::now();
         let s = wait_outcome(&rt, &a, &tls, Duration::from_secs(6));
         assert!(t.elapsed() < Duration::from_secs(4));
         assert_eq!((s.outcome.as_str(), s.attempts), ("failed", 1), "{s:?}");
-        assert!(s.message.starts_with("the rollback FAILED: ") && s.message.ends_with(expect), "{}", s.message);
+        assert!(
+            s.message.starts_with("the rollback FAILED: ") && s.message.ends_with(expect),
+            "{}",
+            s.message
+        );
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(a.runs(), 1, "not re-run");
         assert!(
-            a.log().lines().any(|l| l.contains("ERROR") && l.contains("the rollback FAILED")),
+            a.log()
+                .lines()
+                .any(|l| l.contains("ERROR") && l.contains("the rollback FAILED")),
             "{}",
             a.log()
         );
@@ -317,17 +403,35 @@ fn a_failing_or_hanging_action_is_bounded_reported_failed_and_not_rerun() {
             .arg(&inv)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["result"]["outcome"], "failed");
         if expect == "exited 3" {
-            assert!(v["result"]["output_tail"].as_str().unwrap().contains("disk full"));
+            assert!(v["result"]["output_tail"]
+                .as_str()
+                .unwrap()
+                .contains("disk full"));
         }
         // A new run is refused until the failure is acknowledged.
         let e = rt
-            .block_on(agents::arm_rollback(&a.node(), &tls, &d, "run-6", Duration::from_secs(5)))
+            .block_on(agents::arm_rollback(
+                &a.node(),
+                &tls,
+                &d,
+                "run-6",
+                Duration::from_secs(5),
+            ))
             .unwrap_err();
-        assert!(e.to_string().contains("the last rollback (run run-5) failed"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the last rollback (run run-5) failed"),
+            "{e}"
+        );
     }
 }
 
@@ -339,8 +443,14 @@ fn an_agent_killed_during_the_action_runs_it_once_more_then_holds() {
     let tls = client_tls(pki.dir.path(), "coordinator");
     let rt = rt();
     let d = Deadlines::default();
-    rt.block_on(agents::arm_rollback(&a.node(), &tls, &d, "run-7", Duration::from_secs(1)))
-        .unwrap();
+    rt.block_on(agents::arm_rollback(
+        &a.node(),
+        &tls,
+        &d,
+        "run-7",
+        Duration::from_secs(1),
+    ))
+    .unwrap();
     let wait_runs = |a: &Agent, n: usize| {
         let t = Instant::now();
         while a.runs() < n {
@@ -351,7 +461,9 @@ fn an_agent_killed_during_the_action_runs_it_once_more_then_holds() {
     // Killing the agent takes its action with it (systemd kills the unit's
     // whole cgroup; here: the action's process group).
     let kill_all = |a: &mut Agent| {
-        let _ = Command::new("pkill").args(["-KILL", "-f", &a.count_file().display().to_string()]).status();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &a.count_file().display().to_string()])
+            .status();
         a.kill9();
     };
     wait_runs(&a, 1);
@@ -364,7 +476,11 @@ fn an_agent_killed_during_the_action_runs_it_once_more_then_holds() {
     a.spawn();
     let s = state(&rt, &a, &tls);
     assert_eq!(s.outcome, "interrupted", "{s:?}");
-    assert!(s.message.contains("a person must look at this node"), "{}", s.message);
+    assert!(
+        s.message.contains("a person must look at this node"),
+        "{}",
+        s.message
+    );
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(a.runs(), 2, "no third run");
 }
@@ -381,7 +497,13 @@ fn only_the_coordinator_may_arm_confirm_disarm_or_dial() {
         let e = r.unwrap_err().to_string();
         assert!(e.starts_with("agent error PermissionDenied: "), "{e}");
     };
-    denied(rt.block_on(agents::arm_rollback(&n, &agent_tls, &d, "r", Duration::from_secs(5))));
+    denied(rt.block_on(agents::arm_rollback(
+        &n,
+        &agent_tls,
+        &d,
+        "r",
+        Duration::from_secs(5),
+    )));
     denied(rt.block_on(agents::confirm(&n, &agent_tls, &d, "r")));
     denied(rt.block_on(agents::disarm(&n, &agent_tls, &d, "r")));
     let e = rt
@@ -464,12 +586,28 @@ fn an_agent_without_a_rollback_action_refuses_to_arm_and_a_bad_template_refuses_
     let tls = client_tls(pki.dir.path(), "coordinator");
     let rt = rt();
     let e = rt
-        .block_on(agents::arm_rollback(&a.node(), &tls, &Deadlines::default(), "r", Duration::from_secs(5)))
+        .block_on(agents::arm_rollback(
+            &a.node(),
+            &tls,
+            &Deadlines::default(),
+            "r",
+            Duration::from_secs(5),
+        ))
         .unwrap_err()
         .to_string();
-    assert!(e.starts_with("agent error Unavailable: no rollback action on this node"), "{e}");
+    assert!(
+        e.starts_with("agent error Unavailable: no rollback action on this node"),
+        "{e}"
+    );
     let out = Command::new(binary("cnishift-agent", "CNISHIFT_AGENT_BIN").unwrap())
-        .args(["serve", "--listen", "127.0.0.1:0", "--rollback-command", "undo {nodes}", "--tls-ca"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--rollback-command",
+            "undo {nodes}",
+            "--tls-ca",
+        ])
         .arg(pki.path("ca.pem"))
         .arg("--tls-cert")
         .arg(pki.path("raccoon00.pem"))

@@ -97,9 +97,9 @@ pub struct CniFacts {
 /// config: version 3 (containerd 2, k3s ≥ 1.31) names the section
 /// `'io.containerd.cri.v1.runtime'`, version 2 `"io.containerd.grpc.v1.cri"`.
 pub fn parse_containerd(text: &str) -> Result<(Option<String>, Option<String>), String> {
-    let v: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        format!("not valid TOML ({})", e.message())
-    })?;
+    let v: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("not valid TOML ({})", e.message()))?;
     let plugins = v.get("plugins").and_then(|p| p.as_table());
     for section in ["io.containerd.cri.v1.runtime", "io.containerd.grpc.v1.cri"] {
         if let Some(cni) = plugins
@@ -271,7 +271,9 @@ mod tests {
             Some("/var/lib/rancher/k3s/agent/etc/cni/net.d")
         );
         assert_eq!(parse_containerd("version = 3\n").unwrap(), (None, None));
-        assert!(parse_containerd("[plugins\n").unwrap_err().starts_with("not valid TOML ("));
+        assert!(parse_containerd("[plugins\n")
+            .unwrap_err()
+            .starts_with("not valid TOML ("));
     }
 
     #[test]

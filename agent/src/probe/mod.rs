@@ -102,10 +102,12 @@ pub fn collect(host: &HostPaths, live: bool, wanted: &Wanted) -> Facts {
             cni,
             k3s,
             resources,
-            cilium: cilium.join().unwrap_or_else(|_| crate::cilium::CiliumHealth {
-                error: Some(panicked("cilium")),
-                ..Default::default()
-            }),
+            cilium: cilium
+                .join()
+                .unwrap_or_else(|_| crate::cilium::CiliumHealth {
+                    error: Some(panicked("cilium")),
+                    ..Default::default()
+                }),
         }
     })
 }

@@ -180,6 +180,26 @@ pub fn agent_command() -> Command {
     }
 }
 
+/// A command (run as root) that runs the agent under test as the unprivileged
+/// user nobody (65534, no groups) through util-linux `setpriv`, for what only
+/// permission bits decide. The binary is copied into the returned temp dir,
+/// which nobody can reach: the build's target dir may sit under a 0700 home.
+pub fn as_nobody() -> (Command, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("cnishift-agent");
+    fs::copy(agent_bin(), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+    match std::env::var("CNISHIFT_TEST_RUNNER") {
+        Ok(runner) if !runner.is_empty() => c.arg(runner).arg(&bin),
+        _ => c.arg(&bin),
+    };
+    (c, dir)
+}
+
 /// Runs `cnishift-agent report --json` with `args`; returns (exit code, JSON).
 pub fn report_json(args: &[&str]) -> (i32, Value) {
     let out = agent_command()

@@ -73,7 +73,11 @@ fn show(node: &str, what: &str, s: &pb::ArmState, output: Output) {
                     s.armed,
                     s.remaining_ms,
                     s.timeout_ms,
-                    if s.outcome.is_empty() { "-" } else { &s.outcome },
+                    if s.outcome.is_empty() {
+                        "-"
+                    } else {
+                        &s.outcome
+                    },
                     s.attempts
                 );
                 println!("  target: {}", s.target);
