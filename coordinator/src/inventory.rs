@@ -909,7 +909,7 @@ address = "raccoon00.lan:7443"
             &err(&GOOD.replace("[deadlines]", "[deadlines]\nrepor = \"1s\"")),
             (13, 1),
             "unknown field `repor`, expected one of `connect`, `report`, `cleanup`, `drain`, \
-             `node_ready`, `cilium_ready`, `api`, `lock_ttl`",
+             `node_ready`, `cilium_ready`, `api`, `lock_ttl`, `deploy`, `confirm`, `rollback`, `verify`, `repod`",
             Some(UNKNOWN_KEY_HINT),
         );
         expect(
