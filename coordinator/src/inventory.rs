@@ -13,6 +13,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::migrate::hooks::Template;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -71,6 +73,23 @@ pub struct Deadlines {
     /// The migration lock's lease: gone this long without renewal, it is stale.
     #[serde(with = "humantime_str")]
     pub lock_ttl: Duration,
+    /// One run of `[hooks] deploy` (and of `cilium_install`).
+    #[serde(with = "humantime_str")]
+    pub deploy: Duration,
+    /// The dead-man timeout an agent is armed with: unconfirmed this long
+    /// after ArmRollback, the agent rolls its node back by itself.
+    #[serde(with = "humantime_str")]
+    pub confirm: Duration,
+    /// How long `migrate` waits for an agent's rollback outcome (and one run
+    /// of `[hooks] rollback`).
+    #[serde(with = "humantime_str")]
+    pub rollback: Duration,
+    /// The Verify step: the agent's verdicts, the dial, `[hooks] verify`.
+    #[serde(with = "humantime_str")]
+    pub verify: Duration,
+    /// The Repod step: the node's pods recreated on Cilium and Ready again.
+    #[serde(with = "humantime_str")]
+    pub repod: Duration,
 }
 
 impl Default for Deadlines {
@@ -84,6 +103,11 @@ impl Default for Deadlines {
             cilium_ready: Duration::from_secs(300),
             api: Duration::from_secs(10),
             lock_ttl: Duration::from_secs(30),
+            deploy: Duration::from_secs(600),
+            confirm: Duration::from_secs(2700),
+            rollback: Duration::from_secs(600),
+            verify: Duration::from_secs(300),
+            repod: Duration::from_secs(300),
         }
     }
 }
@@ -134,6 +158,43 @@ impl Default for DrainPolicy {
     }
 }
 
+/// The inventory's `[hooks]`: command templates, each checked at load.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Hooks {
+    /// Switches one node to Cilium (`just nix deploy {node}`).
+    pub deploy: Option<Template>,
+    /// Switches one node back to Flannel (`cnishift rollback NODE`).
+    pub rollback: Option<Template>,
+    /// An extra check after a node is migrated; its failure fails Verify.
+    pub verify: Option<Template>,
+    /// Installs Cilium, run once when its DaemonSet is absent at the first Label step.
+    pub cilium_install: Option<Template>,
+}
+
+/// `[cilium]`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CiliumConfig {
+    /// `(key, value)`: set on a node at its Label step, so a Cilium DaemonSet
+    /// restricted to it never starts on a node still running Flannel.
+    pub node_label: Option<(String, String)>,
+}
+
+/// `[migrate]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigratePolicy {
+    /// Workers migrated at once (controllers are always one at a time).
+    pub max_unavailable: usize,
+}
+
+impl Default for MigratePolicy {
+    fn default() -> Self {
+        MigratePolicy { max_unavailable: 1 }
+    }
+}
+
+/// No deadline may be longer than this: a longer one is a typo.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Inventory {
     pub path: PathBuf,
@@ -141,8 +202,9 @@ pub struct Inventory {
     pub tls: Tls,
     pub deadlines: Deadlines,
     pub drain: DrainPolicy,
-    /// The command that switches one node to Cilium (runs with the node name).
-    pub deploy_hook: Option<Vec<String>>,
+    pub hooks: Hooks,
+    pub cilium: CiliumConfig,
+    pub migrate: MigratePolicy,
     pub nodes: Vec<Node>,
 }
 
@@ -191,6 +253,10 @@ struct RawInventory {
     #[serde(default)]
     hooks: RawHooks,
     #[serde(default)]
+    cilium: RawCilium,
+    #[serde(default)]
+    migrate: RawMigrate,
+    #[serde(default)]
     nodes: Vec<Spanned<RawNode>>,
 }
 
@@ -223,6 +289,11 @@ struct RawDeadlines {
     cilium_ready: Option<Spanned<String>>,
     api: Option<Spanned<String>>,
     lock_ttl: Option<Spanned<String>>,
+    deploy: Option<Spanned<String>>,
+    confirm: Option<Spanned<String>>,
+    rollback: Option<Spanned<String>>,
+    verify: Option<Spanned<String>>,
+    repod: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -237,7 +308,24 @@ struct RawDrain {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHooks {
-    deploy: Option<Spanned<Vec<String>>>,
+    deploy: Option<RawHook>,
+    rollback: Option<RawHook>,
+    verify: Option<RawHook>,
+    cilium_install: Option<RawHook>,
+}
+
+type RawHook = Spanned<Vec<Spanned<String>>>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCilium {
+    node_label: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMigrate {
+    max_unavailable: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -317,12 +405,23 @@ impl Inventory {
             match v {
                 None => Ok(default),
                 Some(s) => match humantime::parse_duration(s.get_ref()) {
-                    Ok(d) if !d.is_zero() => Ok(d),
-                    Ok(_) => Err(at(
+                    Ok(d) if d.is_zero() => Err(at(
                         s.span(),
                         format!("deadlines.{key} must be longer than zero"),
                         None,
                     )),
+                    Ok(d) if d > MAX_DEADLINE => Err(at(
+                        s.span(),
+                        format!(
+                            "deadlines.{key}: {} is longer than 24h",
+                            humantime::format_duration(d)
+                        ),
+                        Some(
+                            "a deadline is how long one step may take; write it like \"10m\""
+                                .into(),
+                        ),
+                    )),
+                    Ok(d) => Ok(d),
                     Err(e) => Err(at(
                         s.span(),
                         format!("deadlines.{key}: {:?} is not a duration ({e})", s.get_ref()),
@@ -345,6 +444,11 @@ impl Inventory {
             )?,
             api: duration(&raw.deadlines.api, "api", defaults.api)?,
             lock_ttl: duration(&raw.deadlines.lock_ttl, "lock_ttl", defaults.lock_ttl)?,
+            deploy: duration(&raw.deadlines.deploy, "deploy", defaults.deploy)?,
+            confirm: duration(&raw.deadlines.confirm, "confirm", defaults.confirm)?,
+            rollback: duration(&raw.deadlines.rollback, "rollback", defaults.rollback)?,
+            verify: duration(&raw.deadlines.verify, "verify", defaults.verify)?,
+            repod: duration(&raw.deadlines.repod, "repod", defaults.repod)?,
         };
         let drain_defaults = DrainPolicy::default();
         let drain = DrainPolicy {
@@ -396,16 +500,45 @@ impl Inventory {
                 .unwrap_or_else(|| "kube-system".into()),
         };
 
-        let deploy_hook = match &raw.hooks.deploy {
-            Some(h) if h.get_ref().is_empty() => {
+        let hook = |h: &Option<RawHook>, key: &str| -> Result<Option<Template>, InventoryError> {
+            let Some(h) = h else { return Ok(None) };
+            if h.get_ref().is_empty() {
                 return Err(at(
                     h.span(),
-                    "hooks.deploy is empty".into(),
-                    Some("e.g. deploy = [\"./switch-node.sh\", \"{node}\"]".into()),
-                ))
+                    format!("hooks.{key} is empty"),
+                    Some(format!("e.g. {key} = [\"./switch-node.sh\", \"{{node}}\"]")),
+                ));
             }
-            Some(h) => Some(h.get_ref().clone()),
-            None => None,
+            let argv: Vec<String> = h.get_ref().iter().map(|a| a.get_ref().clone()).collect();
+            Template::parse(&argv).map(Some).map_err(|(i, e)| {
+                let span = h.get_ref()[i].span();
+                // The span starts at the opening quote.
+                at(
+                    span.start + 1 + e.offset..span.end,
+                    format!("hooks.{key}: {}", e.message),
+                    Some("write {{ and }} for literal braces".into()),
+                )
+            })
+        };
+        let hooks = Hooks {
+            deploy: hook(&raw.hooks.deploy, "deploy")?,
+            rollback: hook(&raw.hooks.rollback, "rollback")?,
+            verify: hook(&raw.hooks.verify, "verify")?,
+            cilium_install: hook(&raw.hooks.cilium_install, "cilium_install")?,
+        };
+        let cilium = CiliumConfig {
+            node_label: match &raw.cilium.node_label {
+                None => None,
+                Some(l) => Some(parse_label(l.get_ref()).map_err(|why| {
+                    at(
+                        l.span(),
+                        format!("cilium.node_label: {:?} {why}", l.get_ref()),
+                        Some(
+                            "write key=value, e.g. node_label = \"cnishift.io/cni=cilium\"".into(),
+                        ),
+                    )
+                })?),
+            },
         };
 
         let mut nodes = Vec::new();
@@ -458,13 +591,39 @@ impl Inventory {
                 ),
             });
         }
+        let workers = nodes.iter().filter(|n| n.role == Role::Worker).count();
+        let migrate = MigratePolicy {
+            max_unavailable: match &raw.migrate.max_unavailable {
+                None => 1,
+                Some(n) if *n.get_ref() < 1 => {
+                    return Err(at(
+                        n.span(),
+                        format!("migrate.max_unavailable: {} is less than 1", n.get_ref()),
+                        Some("1 migrates one worker at a time".into()),
+                    ))
+                }
+                Some(n) if *n.get_ref() as u64 > workers as u64 => {
+                    return Err(at(
+                        n.span(),
+                        format!(
+                            "migrate.max_unavailable: {} is more than the {workers} workers in the inventory",
+                            n.get_ref()
+                        ),
+                        Some("it counts workers only; controllers are migrated one at a time".into()),
+                    ))
+                }
+                Some(n) => *n.get_ref() as usize,
+            },
+        };
         Ok(Inventory {
             path: path.to_path_buf(),
             cluster,
             tls,
             deadlines,
             drain,
-            deploy_hook,
+            hooks,
+            cilium,
+            migrate,
             nodes,
         })
     }
@@ -472,6 +631,50 @@ impl Inventory {
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
     }
+}
+
+/// `key=value` as a Kubernetes label: an optional DNS-subdomain prefix and
+/// `/`, a name of at most 63 characters, and a value of at most 63.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let Some((key, value)) = s.split_once('=') else {
+        return Err("has no '='".into());
+    };
+    let segment = |x: &str| {
+        !x.is_empty()
+            && x.len() <= 63
+            && x.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && x.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && x.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+    };
+    let name = match key.split_once('/') {
+        Some((prefix, name)) => {
+            let dns = prefix.len() <= 253
+                && prefix.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                });
+            if !dns {
+                return Err(format!("has an invalid key prefix {prefix:?}"));
+            }
+            name
+        }
+        None => key,
+    };
+    if !segment(name) {
+        return Err(format!("has an invalid key name {name:?}"));
+    }
+    if !value.is_empty() && !segment(value) {
+        return Err(format!("has an invalid value {value:?}"));
+    }
+    if value.is_empty() {
+        return Err("has an empty value".into());
+    }
+    Ok((key.to_string(), value.to_string()))
 }
 
 fn cidr(
@@ -706,7 +909,7 @@ address = "raccoon00.lan:7443"
             &err(&GOOD.replace("[deadlines]", "[deadlines]\nrepor = \"1s\"")),
             (13, 1),
             "unknown field `repor`, expected one of `connect`, `report`, `cleanup`, `drain`, \
-             `node_ready`, `cilium_ready`, `api`, `lock_ttl`",
+             `node_ready`, `cilium_ready`, `api`, `lock_ttl`, `deploy`, `confirm`, `rollback`, `verify`, `repod`",
             Some(UNKNOWN_KEY_HINT),
         );
         expect(
@@ -762,6 +965,130 @@ address = "raccoon00.lan:7443"
                 "create it with `cnishift certs init/issue --dir DIR`; relative paths are \
                  relative to the inventory file",
             ),
+        );
+    }
+
+    /// GOOD with `extra` inserted before its `[deadlines]` table.
+    fn with(extra: &str) -> String {
+        GOOD.replace("[deadlines]", &format!("{extra}\n\n[deadlines]"))
+    }
+
+    #[test]
+    fn hooks_cilium_and_migrate_sections() {
+        let inv = parse(GOOD).unwrap();
+        assert!(inv.hooks.deploy.is_none() && inv.cilium.node_label.is_none());
+        assert_eq!(inv.migrate.max_unavailable, 1);
+        assert_eq!(inv.deadlines.confirm, Duration::from_secs(2700));
+        let inv = parse(&with(
+            "[hooks]\ndeploy = [\"just\", \"nix\", \"deploy\", \"{node}\"]\n\
+             rollback = [\"./back.sh\", \"{address}\", \"{role}\"]\n\
+             verify = [\"cilium\", \"connectivity\", \"test\", \"--node\", \"{node}\"]\n\
+             cilium_install = [\"helm\", \"install\", \"cilium\"]\n\n\
+             [cilium]\nnode_label = \"cnishift.io/cni=cilium\"\n\n[migrate]\nmax_unavailable = 1",
+        ))
+        .unwrap();
+        assert_eq!(
+            inv.hooks.deploy.unwrap().argv(),
+            ["just", "nix", "deploy", "{node}"]
+        );
+        assert!(inv.hooks.rollback.is_some() && inv.hooks.verify.is_some());
+        assert!(inv.hooks.cilium_install.is_some());
+        assert_eq!(
+            inv.cilium.node_label,
+            Some(("cnishift.io/cni".to_string(), "cilium".to_string()))
+        );
+    }
+
+    #[test]
+    fn an_unknown_placeholder_is_an_error_at_its_place() {
+        let e = err(&with("[hooks]\nverify = [\"check\", \"--on={nodename}\"]"));
+        assert_eq!(
+            e.to_string(),
+            "/etc/cnishift/cluster.toml:13:26: hooks.verify: \"--on={nodename}\": unknown placeholder \
+             {nodename}; a hook may use {node}, {address}, {role}, {run}\n  hint: write {{ and }} for literal braces"
+        );
+        let e = err(&with("[hooks]\ndeploy = []"));
+        assert_eq!((e.line, e.message.as_str()), (13, "hooks.deploy is empty"));
+        let e = err(&with("[hooks]\nrollback = [\"x{node\"]"));
+        assert_eq!(
+            e.message,
+            "hooks.rollback: \"x{node\": '{' without a closing '}'"
+        );
+        let e = err(&with("[hooks]\npostdeploy = [\"x\"]"));
+        assert!(e.message.starts_with("unknown field `postdeploy`"), "{e}");
+    }
+
+    #[test]
+    fn node_label_must_be_a_label() {
+        for (label, why) in [
+            ("cilium", "has no '='"),
+            ("cnishift.io/cni=", "has an empty value"),
+            (
+                "Bad_Prefix/cni=cilium",
+                "has an invalid key prefix \"Bad_Prefix\"",
+            ),
+            (
+                "cnishift.io/-cni=cilium",
+                "has an invalid key name \"-cni\"",
+            ),
+            ("cni=ci lium", "has an invalid value \"ci lium\""),
+        ] {
+            let e = err(&with(&format!("[cilium]\nnode_label = \"{label}\"")));
+            assert_eq!(e.message, format!("cilium.node_label: {label:?} {why}"));
+            assert_eq!((e.line, e.column), (13, 14), "{e}");
+        }
+        let inv = parse(&with("[cilium]\nnode_label = \"cni=cilium\"")).unwrap();
+        assert_eq!(inv.cilium.node_label.unwrap().0, "cni");
+    }
+
+    #[test]
+    fn max_unavailable_counts_workers() {
+        let e = err(&with("[migrate]\nmax_unavailable = 0"));
+        assert_eq!(
+            e.to_string(),
+            "/etc/cnishift/cluster.toml:13:19: migrate.max_unavailable: 0 is less than 1\n  \
+             hint: 1 migrates one worker at a time"
+        );
+        let e = err(&with("[migrate]\nmax_unavailable = 2"));
+        assert_eq!(
+            e.message,
+            "migrate.max_unavailable: 2 is more than the 1 workers in the inventory"
+        );
+        assert_eq!((e.line, e.column), (13, 19));
+        assert_eq!(
+            parse(&with("[migrate]\nmax_unavailable = 1"))
+                .unwrap()
+                .migrate
+                .max_unavailable,
+            1
+        );
+    }
+
+    #[test]
+    fn zero_and_absurd_deadlines_are_errors() {
+        for key in ["deploy", "confirm", "rollback", "verify", "repod", "drain"] {
+            let e = err(&GOOD.replace("connect = \"2s\"", &format!("{key} = \"0s\"")));
+            assert_eq!(
+                e.message,
+                format!("deadlines.{key} must be longer than zero")
+            );
+            assert_eq!((e.line, e.column), (13, key.len() + 4), "{e}");
+            let e = err(&GOOD.replace("connect = \"2s\"", &format!("{key} = \"25h\"")));
+            assert_eq!(
+                e.message,
+                format!("deadlines.{key}: 1day 1h is longer than 24h")
+            );
+            assert_eq!(e.line, 13);
+        }
+        let inv = parse(&GOOD.replace(
+            "connect = \"2s\"",
+            "deploy = \"20m\"\nconfirm = \"24h\"\nrollback = \"3m\"\nverify = \"90s\"\nrepod = \"4m\"",
+        ))
+        .unwrap();
+        let d = &inv.deadlines;
+        assert_eq!(
+            [d.deploy, d.confirm, d.rollback, d.verify, d.repod].map(|d| d.as_secs()),
+            [1200, 86400, 180, 90, 240]
         );
     }
 

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
-use cli::{certs, cleanup, cluster, lock, node, preflight};
+use cli::{certs, cleanup, cluster, lock, migrate, node, preflight};
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +63,29 @@ enum Command {
     /// The migration lock (a Lease in kube-system): who holds it; release it.
     #[command(subcommand)]
     Lock(lock::LockCommand),
+    /// The migration's order: waves, steps with their deadlines, and the warnings this cluster needs.
+    #[command(after_help = "Reads only the inventory. Exit codes: 0 planned, 2 bad inventory.")]
+    Plan(migrate::PlanArgs),
+    /// Migrate the cluster node by node (resumes a run from its journal).
+    #[command(
+        after_help = "Per node: preflight, cordon, drain, arm-rollback, deploy, label, wait-cilium-ready, repod,\n\
+                            verify, confirm, uncordon, done; then verify-cluster and cleanup. The first failure halts\n\
+                            between steps and says how to resume or roll the node back. The journal in --state-dir\n\
+                            makes a resumed run start where the last one stopped.\n\n\
+                            Exit codes: 0 migrated, 1 halted or interrupted (or the lock held), 2 usage, inventory,\n\
+                            journal, TLS or kubeconfig error."
+    )]
+    Migrate(migrate::MigrateArgs),
+    /// Pause a running migration before its next step (from any machine with a kubeconfig).
+    Pause(migrate::PauseArgs),
+    /// Resume a paused migration.
+    Resume(migrate::PauseArgs),
+    /// The journal and the live state side by side, per node, and what migrate would do next.
+    Status(migrate::StatusArgs),
+    /// Switch one node back to Flannel: cordon, drain, [hooks] rollback, unlabel, wait Ready, uncordon.
+    Rollback(migrate::RollbackArgs),
+    /// The validation checklist: nodes Ready, Cilium on every node, agents' verdicts, the VIP, leftovers.
+    Verify(migrate::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,5 +102,12 @@ fn main() -> ExitCode {
         Command::Cluster(c) => cluster::run(c),
         Command::Node(c) => node::run(c),
         Command::Lock(c) => lock::run(c),
+        Command::Plan(a) => migrate::run_plan(a),
+        Command::Migrate(a) => migrate::run_migrate(a),
+        Command::Pause(a) => migrate::run_pause(a, true),
+        Command::Resume(a) => migrate::run_pause(a, false),
+        Command::Status(a) => migrate::run_status(a),
+        Command::Rollback(a) => migrate::run_rollback(a),
+        Command::Verify(a) => migrate::run_verify(a),
     }
 }

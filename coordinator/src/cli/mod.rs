@@ -16,6 +16,7 @@ pub mod certs;
 pub mod cleanup;
 pub mod cluster;
 pub mod lock;
+pub mod migrate;
 pub mod node;
 pub mod preflight;
 

@@ -17,6 +17,7 @@ pub mod events;
 pub mod gates;
 pub mod lease;
 pub mod nodes;
+pub mod ops;
 pub mod selector;
 pub mod wait;
 

@@ -3,4 +3,9 @@
 //!
 //! `cnishift node …` and `cnishift migrate` call the same step functions.
 
+pub mod hooks;
+pub mod journal;
+pub mod live;
+pub mod plan;
+pub mod run;
 pub mod steps;

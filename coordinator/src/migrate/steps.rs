@@ -2,7 +2,7 @@
 //! (cordon, drain, uncordon, the waits) record an Event on the node for what
 //! they did; `cnishift node …` and the migration driver both call them.
 
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, Node};
 use crate::kube::drain::DrainEvent;
 use crate::kube::events::{Kind, Step};
 use crate::kube::nodes::Uncordoned;
@@ -234,4 +234,81 @@ pub async fn node_step(
             r.map(|()| serde_json::json!({ "message": note }))
         }
     }
+}
+
+// --- the migration's view of the world -----------------------------------------
+
+/// A step's cause of failure, in the agent's or the API's own words.
+pub type Cause = String;
+
+/// What the migration lease says between two steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Run,
+    /// `cnishift pause` set the pause annotation on the migration Lease.
+    Paused,
+    /// The Lease is no longer ours.
+    Lost(String),
+}
+
+/// What an agent's dead-man rollback is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArmState {
+    Disarmed,
+    Armed { remaining: std::time::Duration },
+    RollingBack,
+    RolledBack { ok: bool, message: String },
+    Confirmed,
+}
+
+/// The Kubernetes side of the migration steps.
+#[allow(async_fn_in_trait)]
+pub trait Cluster {
+    /// The cluster gates (`cnishift cluster check`): Err names the failing ones.
+    async fn gates(&self) -> Result<(), Cause>;
+    async fn cordon(&self, node: &str) -> Result<String, Cause>;
+    async fn drain(&self, node: &str, deadline: std::time::Duration) -> Result<String, Cause>;
+    /// Whether Cilium's DaemonSet exists.
+    async fn cilium_present(&self) -> Result<bool, Cause>;
+    async fn label(&self, node: &str, key: &str, value: &str) -> Result<String, Cause>;
+    async fn unlabel(&self, node: &str, key: &str) -> Result<String, Cause>;
+    /// The node's Cilium pod Ready and the node Ready, both by watch.
+    async fn wait_cilium_and_ready(
+        &self,
+        node: &str,
+        deadline: std::time::Duration,
+    ) -> Result<String, Cause>;
+    async fn wait_ready(&self, node: &str, deadline: std::time::Duration) -> Result<String, Cause>;
+    /// Deletes the node's pods that are not hostNetwork and waits until the
+    /// recreated ones are Ready.
+    async fn repod(&self, node: &str, deadline: std::time::Duration) -> Result<String, Cause>;
+    async fn uncordon(&self, node: &str) -> Result<String, Cause>;
+    /// Records an Event on the node (never fails the step).
+    async fn record(&self, node: &str, step: &str, ok: bool, note: &str);
+    /// The migration Lease: still ours, paused?
+    async fn control(&self) -> Result<Control, Cause>;
+}
+
+/// The agents' side of the migration steps.
+#[allow(async_fn_in_trait)]
+pub trait NodeAgents {
+    /// The agent's report is ready for Cilium: Err names the failing checks.
+    async fn preflight(&self, node: &Node) -> Result<(), Cause>;
+    async fn arm(&self, node: &Node, run: &str, deadline: std::time::Duration)
+        -> Result<(), Cause>;
+    async fn confirm(&self, node: &Node, run: &str) -> Result<(), Cause>;
+    async fn disarm(&self, node: &Node, run: &str) -> Result<(), Cause>;
+    async fn arm_state(&self, node: &Node) -> Result<ArmState, Cause>;
+    /// A fresh report judged "migrated": Err names the failing verdicts.
+    async fn migrated(&self, node: &Node) -> Result<(), Cause>;
+    /// Pods still wired to Flannel's `cni0` on the node.
+    async fn pods_on_cni0(&self, node: &Node) -> Result<u32, Cause>;
+    /// A TCP dial from the node to `target`.
+    async fn dial(&self, node: &Node, target: std::net::SocketAddr) -> Result<(), Cause>;
+    /// A not-yet-migrated node whose k3s came up without Flannel.
+    async fn flannel_missing(&self, node: &Node) -> Result<bool, Cause>;
+    /// What of Flannel is left on the node (its cleanup plan's items).
+    async fn leftovers(&self, node: &Node) -> Result<Vec<String>, Cause>;
+    /// Plans and applies the node's cleanup of Flannel's leftovers.
+    async fn cleanup(&self, node: &Node) -> Result<String, Cause>;
 }

@@ -1,0 +1,513 @@
+//! The real world behind [`Cluster`] and [`NodeAgents`]: the Kubernetes API
+//! through [`crate::kube`], and the agents through [`crate::agents`].
+//! Preflight, Verify, the early-restart watch and Repod's "no pod on cni0"
+//! read the agent's report judged against an expectation (none, Cilium,
+//! Flannel); the dead-man rollback is ArmRollback/Confirm/Disarm/GetArmState.
+
+use std::time::Duration;
+
+use crate::agents::{self, ClientTls};
+use cnishift_proto::v1 as pb;
+
+use crate::inventory::{Inventory, Node};
+use crate::kube::events::{Kind, Step as EventStep};
+use crate::kube::gates::Verdict;
+use crate::kube::lease::{self, LockGuard};
+use crate::kube::Kube;
+
+use super::steps::{node_step, ArmState, Cause, Cluster, Control, NodeAgents, NodeStep};
+
+/// The Kubernetes API, with the migration Lease held.
+pub struct KubeCluster<'a> {
+    pub kube: &'a Kube,
+    pub inv: &'a Inventory,
+    pub guard: Option<&'a LockGuard>,
+    pub identity: String,
+}
+
+impl KubeCluster<'_> {
+    async fn node_step(&self, node: &str, step: NodeStep) -> Result<String, Cause> {
+        node_step(self.kube, self.inv, node, step, &self.identity, &|_| {})
+            .await
+            .map(|v| v["message"].as_str().unwrap_or("done").to_string())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `wait-cilium-ready` → `WaitCiliumReady`.
+fn camel(step: &str) -> String {
+    step.split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+impl Cluster for KubeCluster<'_> {
+    async fn gates(&self) -> Result<(), Cause> {
+        let gates = self
+            .kube
+            .cluster_gates(&self.inv.cluster.cilium_namespace, self.inv.cluster.api_vip)
+            .await;
+        let failed: Vec<String> = gates
+            .iter()
+            .filter(|g| g.verdict == Verdict::Fail)
+            .map(|g| format!("gate {}: {}", g.id, g.message))
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    // Cordon, drain, uncordon and the waits are the very step functions of
+    // `cnishift node …`, with their Events.
+    async fn cordon(&self, node: &str) -> Result<String, Cause> {
+        self.node_step(node, NodeStep::Cordon).await
+    }
+
+    async fn drain(&self, node: &str, _deadline: Duration) -> Result<String, Cause> {
+        self.node_step(node, NodeStep::Drain).await
+    }
+
+    async fn cilium_present(&self) -> Result<bool, Cause> {
+        self.kube
+            .cilium_daemonset(&self.inv.cluster.cilium_namespace)
+            .await
+            .map(|d| d.is_some())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn label(&self, node: &str, key: &str, value: &str) -> Result<String, Cause> {
+        let changed = self
+            .kube
+            .label_node(node, key, value)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "{} {key}={value}",
+            if changed {
+                "labelled"
+            } else {
+                "already labelled"
+            }
+        ))
+    }
+
+    async fn unlabel(&self, node: &str, key: &str) -> Result<String, Cause> {
+        self.kube
+            .unlabel_node(node, key)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!("label {key} removed"))
+    }
+
+    async fn wait_cilium_and_ready(
+        &self,
+        node: &str,
+        _deadline: Duration,
+    ) -> Result<String, Cause> {
+        let (c, r) = tokio::join!(
+            self.node_step(node, NodeStep::WaitCilium),
+            self.node_step(node, NodeStep::WaitReady),
+        );
+        Ok(format!("{}; {}", c?, r?))
+    }
+
+    async fn wait_ready(&self, node: &str, _deadline: Duration) -> Result<String, Cause> {
+        self.node_step(node, NodeStep::WaitReady).await
+    }
+
+    async fn repod(&self, node: &str, deadline: Duration) -> Result<String, Cause> {
+        let n = self
+            .kube
+            .repod(node, deadline, Duration::from_millis(500))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!("{n} pods recreated and Ready"))
+    }
+
+    async fn uncordon(&self, node: &str) -> Result<String, Cause> {
+        self.node_step(node, NodeStep::Uncordon).await
+    }
+
+    async fn record(&self, node: &str, step: &str, ok: bool, note: &str) {
+        // The node steps record their own Events (MigrationCordoned, ...).
+        let own = ["cordon-", "drain-", "uncordon-", "wait-cilium-ready-"];
+        if own.iter().any(|p| step.starts_with(p)) {
+            return;
+        }
+        let reason = format!("Migration{}", camel(step));
+        self.kube
+            .record_or_warn(
+                node,
+                EventStep {
+                    reason: &reason,
+                    action: &camel(step),
+                    note: format!("cnishift: {note}"),
+                    kind: if ok { Kind::Normal } else { Kind::Warning },
+                },
+                &self.identity,
+            )
+            .await;
+    }
+
+    async fn control(&self) -> Result<Control, Cause> {
+        if let Some(g) = self.guard {
+            if let Err(e) = g.check() {
+                return Ok(Control::Lost(e.to_string()));
+            }
+        }
+        match self
+            .kube
+            .paused(lease::NAMESPACE, lease::NAME)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            None if self.guard.is_some() => Ok(Control::Lost("the Lease was deleted".into())),
+            Some(Some(_)) => Ok(Control::Paused),
+            _ => Ok(Control::Run),
+        }
+    }
+}
+
+/// The agents, over mutual TLS.
+pub struct AgentClients<'a> {
+    pub tls: &'a ClientTls,
+    pub inv: &'a Inventory,
+}
+
+/// The failing checks of a report, in the agent's words.
+fn failing(r: &pb::NodeReport) -> String {
+    r.checks
+        .iter()
+        .filter(|c| c.verdict == pb::Verdict::Fail as i32)
+        .map(|c| format!("{}: {}", c.id, c.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The agent's dead-man state as the driver reads it.
+pub fn arm_state_of(s: &pb::ArmState) -> ArmState {
+    let message = if s.output_tail.is_empty() {
+        s.message.clone()
+    } else {
+        format!("{} ({})", s.message, s.output_tail.trim())
+    };
+    match s.outcome.as_str() {
+        "succeeded" => ArmState::RolledBack { ok: true, message },
+        "failed" | "interrupted" => ArmState::RolledBack { ok: false, message },
+        "running" => ArmState::RollingBack,
+        "confirmed" => ArmState::Confirmed,
+        _ if s.armed => ArmState::Armed {
+            remaining: Duration::from_millis(s.remaining_ms),
+        },
+        _ => ArmState::Disarmed,
+    }
+}
+
+impl AgentClients<'_> {
+    async fn report(&self, node: &Node, expect: pb::Expectation) -> Result<pb::NodeReport, Cause> {
+        agents::get_report_expecting(node, self.tls, &self.inv.deadlines, expect)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl NodeAgents for AgentClients<'_> {
+    async fn preflight(&self, node: &Node) -> Result<(), Cause> {
+        let r = self.report(node, pb::Expectation::Unspecified).await?;
+        if r.ready {
+            return Ok(());
+        }
+        Err(format!(
+            "the agent says the node is not ready: {}",
+            failing(&r)
+        ))
+    }
+
+    async fn arm(&self, node: &Node, run: &str, deadline: Duration) -> Result<(), Cause> {
+        agents::arm_rollback(node, self.tls, &self.inv.deadlines, run, deadline)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn confirm(&self, node: &Node, run: &str) -> Result<(), Cause> {
+        let s = agents::confirm(node, self.tls, &self.inv.deadlines, run)
+            .await
+            .map_err(|e| e.to_string())?;
+        match s.outcome.as_str() {
+            "confirmed" => Ok(()),
+            _ => Err(format!("the agent did not confirm: {}", s.message)),
+        }
+    }
+
+    async fn disarm(&self, node: &Node, run: &str) -> Result<(), Cause> {
+        agents::disarm(node, self.tls, &self.inv.deadlines, run)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn arm_state(&self, node: &Node) -> Result<ArmState, Cause> {
+        agents::arm_state(node, self.tls, &self.inv.deadlines)
+            .await
+            .map(|s| arm_state_of(&s))
+            .map_err(|e| e.to_string())
+    }
+
+    async fn migrated(&self, node: &Node) -> Result<(), Cause> {
+        let r = self.report(node, pb::Expectation::Cilium).await?;
+        if r.ready {
+            Ok(())
+        } else {
+            Err(format!(
+                "the agent says the node is not migrated: {}",
+                failing(&r)
+            ))
+        }
+    }
+
+    async fn pods_on_cni0(&self, node: &Node) -> Result<u32, Cause> {
+        let r = self.report(node, pb::Expectation::Cilium).await?;
+        match r.checks.iter().find(|c| c.id == "cilium.pods") {
+            None => Err("the agent's report has no cilium.pods check".into()),
+            Some(c) if c.verdict != pb::Verdict::Fail as i32 => Ok(0),
+            // "N pod interfaces are still on Flannel's cni0 (...)".
+            Some(c) => Ok(c
+                .message
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1)),
+        }
+    }
+
+    async fn dial(&self, node: &Node, target: std::net::SocketAddr) -> Result<(), Cause> {
+        let req = pb::DialRequest {
+            address: target.to_string(),
+            ..Default::default()
+        };
+        let r = agents::dial_from_node(node, self.tls, &self.inv.deadlines, req)
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.ok {
+            Ok(())
+        } else {
+            Err(r.error)
+        }
+    }
+
+    async fn flannel_missing(&self, node: &Node) -> Result<bool, Cause> {
+        let r = self.report(node, pb::Expectation::Flannel).await?;
+        Ok(r.checks
+            .iter()
+            .any(|c| c.id == "k3s.network" && c.verdict == pb::Verdict::Fail as i32))
+    }
+
+    async fn leftovers(&self, node: &Node) -> Result<Vec<String>, Cause> {
+        let plan = agents::plan_cleanup(node, self.tls, &self.inv.deadlines, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(plan.items.iter().map(|i| i.id.clone()).collect())
+    }
+
+    async fn cleanup(&self, node: &Node) -> Result<String, Cause> {
+        let d = &self.inv.deadlines;
+        let plan = agents::plan_cleanup(node, self.tls, d, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !plan.allowed {
+            let why: Vec<String> = plan
+                .refusals
+                .iter()
+                .map(|r| format!("{}: {} ({})", r.interlock, r.reason, r.fix))
+                .collect();
+            return Err(format!("the agent refuses cleanup: {}", why.join("; ")));
+        }
+        let events = agents::apply_cleanup(node, self.tls, d, false, |_| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        match events.into_iter().find(|e| e.item == "*") {
+            Some(e) if e.ok => Ok(format!("{} (backup {})", e.message, e.backup_id)),
+            Some(e) => Err(e.message),
+            None => Err("the agent ended its cleanup without a summary".into()),
+        }
+    }
+}
+
+/// The pause annotation's value: who paused, and when.
+pub fn pause_value() -> String {
+    format!("{} at {}", lease::default_identity(), super::journal::now())
+}
+
+/// One line of `cnishift verify`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckVerdict {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl CheckVerdict {
+    pub fn mark(&self) -> &'static str {
+        match self {
+            CheckVerdict::Pass => "✓",
+            CheckVerdict::Warn => "!",
+            CheckVerdict::Fail => "✗",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub id: String,
+    pub verdict: CheckVerdict,
+    pub message: String,
+}
+
+/// The runbook's validation checklist where software can see it.
+pub async fn verify_cluster<A: NodeAgents>(
+    inv: &Inventory,
+    kube: &Kube,
+    agents: &A,
+    after_cleanup: bool,
+) -> Vec<Check> {
+    let mut out = vec![];
+    let mut push = |id: String, ok: Result<String, String>, fail: CheckVerdict| {
+        out.push(match ok {
+            Ok(m) => Check {
+                id,
+                verdict: CheckVerdict::Pass,
+                message: m,
+            },
+            Err(m) => Check {
+                id,
+                verdict: fail,
+                message: m,
+            },
+        })
+    };
+    let gates = kube
+        .cluster_gates(&inv.cluster.cilium_namespace, inv.cluster.api_vip)
+        .await;
+    for g in gates
+        .iter()
+        .filter(|g| g.id == "nodes.ready" || g.id == "cilium.daemonset")
+    {
+        let v = match g.verdict {
+            Verdict::Pass => Ok(g.message.clone()),
+            _ => Err(g.message.clone()),
+        };
+        push(g.id.to_string(), v, CheckVerdict::Fail);
+    }
+    let ns = &inv.cluster.cilium_namespace;
+    for n in &inv.nodes {
+        let c = kube
+            .wait_cilium_ready(&n.name, ns, inv.deadlines.api)
+            .await
+            .map(|()| "a Ready Cilium pod".to_string())
+            .map_err(|e| e.to_string());
+        push(format!("{}.cilium-pod", n.name), c, CheckVerdict::Fail);
+        let m = agents
+            .migrated(n)
+            .await
+            .map(|()| "the agent judges it migrated".to_string());
+        push(format!("{}.migrated", n.name), m, CheckVerdict::Fail);
+        if let Some(vip) = inv.cluster.api_vip {
+            let d = agents
+                .dial(n, vip)
+                .await
+                .map(|()| format!("{vip} reachable from the node"));
+            push(format!("{}.vip", n.name), d, CheckVerdict::Fail);
+        }
+        let leftovers = match agents.leftovers(n).await {
+            Ok(items) if items.is_empty() => Ok("nothing of Flannel left".to_string()),
+            Ok(items) => Err(format!("Flannel left: {}", items.join(", "))),
+            Err(e) => Err(e),
+        };
+        push(
+            format!("{}.flannel-leftovers", n.name),
+            leftovers,
+            if after_cleanup {
+                CheckVerdict::Fail
+            } else {
+                CheckVerdict::Warn
+            },
+        );
+    }
+    for (name, required) in [("cilium-operator", true), ("hubble-relay", false)] {
+        let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+            kube::Api::namespaced(kube.client.clone(), ns);
+        let r = match kube
+            .call(format!("get Deployment {ns}/{name}"), api.get_opt(name))
+            .await
+        {
+            Err(e) => Err(e.to_string()),
+            Ok(None) if required => Err(format!("no Deployment {ns}/{name}")),
+            Ok(None) => Ok(format!(
+                "not deployed ({name} is optional: Hubble is not enabled)"
+            )),
+            Ok(Some(d)) => {
+                let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+                if available > 0 {
+                    Ok(format!("{available} available"))
+                } else {
+                    Err(format!("Deployment {ns}/{name} has no available replica"))
+                }
+            }
+        };
+        push(name.to_string(), r, CheckVerdict::Fail);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_agents_arm_state_as_the_driver_reads_it() {
+        use super::{arm_state_of, pb, ArmState};
+        let s = |armed: bool, outcome: &str| pb::ArmState {
+            armed,
+            outcome: outcome.into(),
+            remaining_ms: 1500,
+            message: "rolled back to NixOS generation 41".into(),
+            output_tail: "switching to configuration\n".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            arm_state_of(&s(false, "succeeded")),
+            ArmState::RolledBack {
+                ok: true,
+                message: "rolled back to NixOS generation 41 (switching to configuration)".into()
+            }
+        );
+        assert!(matches!(
+            arm_state_of(&s(false, "interrupted")),
+            ArmState::RolledBack { ok: false, .. }
+        ));
+        assert_eq!(arm_state_of(&s(true, "running")), ArmState::RollingBack);
+        assert_eq!(arm_state_of(&s(false, "confirmed")), ArmState::Confirmed);
+        assert_eq!(
+            arm_state_of(&s(true, "")),
+            ArmState::Armed {
+                remaining: std::time::Duration::from_millis(1500)
+            }
+        );
+        assert_eq!(arm_state_of(&s(false, "disarmed")), ArmState::Disarmed);
+    }
+
+    #[test]
+    fn event_reasons_are_camel_case() {
+        assert_eq!(super::camel("wait-cilium-ready"), "WaitCiliumReady");
+        assert_eq!(super::camel("cordon"), "Cordon");
+        assert_eq!(super::camel("deploy-failed"), "DeployFailed");
+        assert_eq!(crate::kube::ops::PAUSE_ANNOTATION, "cnishift.io/paused");
+    }
+}
