@@ -57,7 +57,10 @@ fn cleanup_goes_node_by_node_and_halts_at_the_first_refusal() {
         r#"{"name":"cilium","plugins":[{"type":"cilium-cni"}]}"#,
     )
     .unwrap();
-    let containerd = host("raccoon00", "var/lib/rancher/k3s/agent/etc/containerd/config.toml");
+    let containerd = host(
+        "raccoon00",
+        "var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+    );
     std::fs::create_dir_all(containerd.parent().unwrap()).unwrap();
     std::fs::write(
         &containerd,

@@ -226,7 +226,10 @@ async fn an_agent_identity_may_read_but_not_change() {
         .unwrap();
     let mut client = NodeAgentClient::new(ch);
     assert!(
-        client.get_report(pb::ReportRequest::default()).await.is_ok(),
+        client
+            .get_report(pb::ReportRequest::default())
+            .await
+            .is_ok(),
         "read-only RPCs are open to any cluster identity"
     );
     let status = client
