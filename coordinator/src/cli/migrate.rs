@@ -484,7 +484,7 @@ pub fn run_migrate(args: MigrateArgs) -> ExitCode {
         let released = guard.release().await;
         let code = match out {
             Some(Outcome::Completed) => {
-                println!("cnishift: every node of {} is migrated", inv.cluster.name);
+                eprintln!("cnishift: every node of {} is migrated", inv.cluster.name);
                 EXIT_OK
             }
             Some(Outcome::Halted(h)) => {

@@ -434,6 +434,15 @@ impl ApiServer {
         ] {
             self.add_deployment(ns, name, l(name), replicas, spread);
         }
+        // Installed with Cilium's Helm chart before the first node moves; a
+        // Deployment, so it is not limited to migrated nodes.
+        self.add_deployment(
+            cilium_ns,
+            "cilium-operator",
+            json!({"io.cilium/app": "operator", "name": "cilium-operator"}),
+            1,
+            spread,
+        );
         self.add_statefulset("database", "postgres", l("postgres"), 1, spread);
         self.add_pdb("argocd", "argocd-server", l("argocd-server"), Some(1), None);
         self.add_pdb(

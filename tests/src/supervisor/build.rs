@@ -350,17 +350,26 @@ fn write_cluster_toml(
         .or_insert_with(|| toml::Table::new().into())
         .as_table_mut()
         .context("[hooks] is not a table")?;
-    let deploy: Vec<toml::Value> = [
-        lab_bin.display().to_string(),
-        "deploy".into(),
-        "--dir".into(),
-        dir.display().to_string(),
-        "{node}".into(),
-    ]
-    .into_iter()
-    .map(toml::Value::from)
-    .collect();
-    hooks.insert("deploy".into(), deploy.into());
+    // The lab's own deploy and rollback (what `just nix deploy` and its
+    // reverse do to a real node). The inventory's verify and cilium_install
+    // hooks name tools a lab node has not got (the `cilium` CLI): dropped.
+    let lab_hook = |verb: &str| -> toml::Value {
+        [
+            lab_bin.display().to_string(),
+            verb.into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "{node}".into(),
+        ]
+        .into_iter()
+        .map(toml::Value::from)
+        .collect::<Vec<_>>()
+        .into()
+    };
+    hooks.insert("deploy".into(), lab_hook("deploy"));
+    hooks.insert("rollback".into(), lab_hook("rollback"));
+    hooks.remove("verify");
+    hooks.remove("cilium_install");
     if let Some(arr) = t.get_mut("nodes").and_then(|n| n.as_array_mut()) {
         for (entry, n) in arr.iter_mut().zip(nodes) {
             if let Some(e) = entry.as_table_mut() {
@@ -372,7 +381,7 @@ fn write_cluster_toml(
         }
     }
     let text = format!(
-        "# Written by cnishift-lab up from {} with the lab's agent addresses, TLS files, API server and deploy hook.\n{}",
+        "# Written by cnishift-lab up from {} with the lab's agent addresses, TLS files, API server and deploy/rollback hooks (the inventory's verify and cilium_install hooks dropped: a lab node has no cilium CLI).\n{}",
         inv.path.display(),
         toml::to_string(&t)?
     );
