@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
 
 use cnishift_lab::harness::{cnishift_bin, text, Up};
 use cnishift_lab::require_root;
@@ -13,8 +14,15 @@ use serde_json::Value;
 
 const LABEL_KEY: &str = "cnishift.io/cni";
 
+/// One lab at a time: every test here races an 8 s dead-man clock, and the
+/// machine has two cores.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One controller and `workers` workers, with deadlines short enough that a
-/// dead-man rollback (confirm 3 s) and every wait stay within seconds.
+/// dead-man rollback (confirm 8 s: arm to confirm takes ~2 s here, more under load) and every wait stay within seconds.
 fn inventory(cluster: &str, workers: usize) -> String {
     let mut s = format!(
         r#"
@@ -35,7 +43,7 @@ drain = "5s"
 node_ready = "4s"
 cilium_ready = "4s"
 deploy = "10s"
-confirm = "3s"
+confirm = "8s"
 rollback = "20s"
 verify = "5s"
 repod = "5s"
@@ -103,8 +111,9 @@ fn migrate(lab: &Up, state: &Path) -> Run {
     let stdout = String::from_utf8_lossy(&o.stdout);
     let events = stdout
         .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("stdout not JSON only: {e}: {l}"))
+        })
         .collect();
     Run {
         code: o.status.code(),
@@ -184,18 +193,231 @@ fn clear_and_resume(lab: &Up, state: &Path, nodes: &[&str]) {
     }
 }
 
+fn arm_state_is_rolled_back(node: &Value) -> bool {
+    let a = node["arm_state"].to_string().to_lowercase();
+    (a.contains("rolledback") || a.contains("rolled_back") || a.contains("rolled back"))
+        && !a.contains("ok: false")
+        && !a.contains("\"ok\":false")
+}
+
 #[test]
 fn unconfirmed_worker_is_rolled_back_by_its_agent_and_a_resume_finishes() {
     if !require_root("cnishift-lab up") {
         return;
     }
+    let _one = one_at_a_time();
     let lab = Up::new(
         &inventory("mf-unconfirmed", 2),
         &["--fault", "w-1:unconfirmed"],
     );
     let state = state_dir(&lab);
     let run = migrate(&lab, &state);
-    eprintln!("{}", run.all);
-    eprintln!("{:#}", status(&lab, &state));
-    panic!("explore");
+    assert_eq!(run.code, Some(1), "{}", run.all);
+
+    // Deployed, then cut off from the admin box: a step that needs the
+    // agent between deploy and confirm fails, and the agent's own dead-man
+    // clock (confirm = 8s) rolls the node back; migrate waits and says so.
+    let deployed = run
+        .of_node("w-1")
+        .any(|e| e["step"] == "deploy" && e["phase"] == "done");
+    assert!(deployed, "{}", run.all);
+    let halted = run.halted();
+    assert_eq!(halted["node"], "w-1", "{halted}");
+    let step = halted["step"].as_str().unwrap().to_string();
+    assert!(
+        ["label", "wait-cilium-ready", "repod", "verify", "confirm"].contains(&step.as_str()),
+        "halted at {step}: {}",
+        run.all
+    );
+    assert!(
+        !run.of_node("w-1")
+            .any(|e| e["step"] == "confirm" && e["phase"] == "done"),
+        "confirmed although cut off: {}",
+        run.all
+    );
+    let rollback = run
+        .of_node("w-1")
+        .find(|e| e["step"] == "rollback" && e["phase"] == "done")
+        .unwrap_or_else(|| panic!("no rollback outcome: {}", run.all));
+    assert!(
+        rollback["detail"].as_str().unwrap().contains("rolled back"),
+        "{rollback}"
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("cnishift: halted at w-1, step {step}: ")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("\n  w-1 was rolled back to Flannel by its agent: "),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("; it stays cordoned\n"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("\n  nothing further was started\n"),
+        "{}",
+        run.stderr
+    );
+    assert!(run
+        .stderr
+        .contains("  to resume:       cnishift migrate -i "));
+    assert!(run
+        .stderr
+        .contains("  to roll it back: cnishift rollback -i "));
+
+    // kubectl: the node stays cordoned; the controller before it migrated and
+    // uncordoned; the worker after it untouched.
+    assert!(kube_node(&lab, "w-1").0, "w-1 is not cordoned");
+    assert_migrated(&lab, "ctl-a");
+    assert_untouched(&lab, &run, "w-2");
+
+    // cnishift status: the journal's failure, the agent's rollback, the
+    // live cordon; the next node not started.
+    let s = status(&lab, &state);
+    let w1 = status_node(&s, "w-1");
+    assert_eq!(w1["journal"], format!("failed at {step}"), "{s:#}");
+    assert_eq!(w1["live"]["cordoned"], true, "{s:#}");
+    assert!(arm_state_is_rolled_back(w1), "{s:#}");
+    let w2 = status_node(&s, "w-2");
+    assert_eq!(w2["journal"], "not started", "{s:#}");
+    assert_eq!(w2["live"]["cordoned"], false, "{s:#}");
+    assert_eq!(w2["live"]["labelled"], false, "{s:#}");
+    assert_eq!(w2["k3s"], "flannel", "{s:#}");
+    assert_eq!(s["next"], "w-1 preflight", "{s:#}");
+
+    clear_and_resume(&lab, &state, &["ctl-a", "w-1", "w-2"]);
+}
+
+#[test]
+fn a_deploy_hook_failing_on_the_fourth_worker_halts_there_and_later_workers_are_untouched() {
+    if !require_root("cnishift-lab up") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let lab = Up::new(
+        &inventory("mf-hookfails", 5),
+        &["--fault", "w-4:hook-fails"],
+    );
+    let state = state_dir(&lab);
+    let run = migrate(&lab, &state);
+    assert_eq!(run.code, Some(1), "{}", run.all);
+
+    const HOOK_SAYS: &str = "switch-to-configuration failed (injected by the lab: hook-fails)";
+    let failed = run
+        .of_node("w-4")
+        .find(|e| e["phase"] == "failed")
+        .unwrap_or_else(|| panic!("no failure on w-4: {}", run.all));
+    assert_eq!(failed["step"], "deploy", "{failed}");
+    assert!(
+        failed["detail"].as_str().unwrap().contains(HOOK_SAYS),
+        "{failed}"
+    );
+    let halted = run.halted();
+    assert_eq!(
+        (&halted["node"], &halted["step"]),
+        (&"w-4".into(), &"deploy".into()),
+        "{halted}"
+    );
+    let first = run.stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("cnishift: halted at w-4, step deploy: ") && first.contains(HOOK_SAYS),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("it stays cordoned\n"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("\n  nothing further was started\n"),
+        "{}",
+        run.stderr
+    );
+
+    // kubectl: everything before it migrated and uncordoned, it cordoned and
+    // never labelled, w-5 untouched.
+    for n in ["ctl-a", "w-1", "w-2", "w-3"] {
+        assert_migrated(&lab, n);
+    }
+    assert_eq!(kube_node(&lab, "w-4"), (true, None), "w-4");
+    assert_untouched(&lab, &run, "w-5");
+
+    let s = status(&lab, &state);
+    assert_eq!(
+        status_node(&s, "w-4")["journal"],
+        "failed at deploy",
+        "{s:#}"
+    );
+    assert_eq!(status_node(&s, "w-4")["live"]["cordoned"], true, "{s:#}");
+    assert_eq!(status_node(&s, "w-5")["journal"], "not started", "{s:#}");
+    for n in ["ctl-a", "w-1", "w-2", "w-3"] {
+        assert_eq!(status_node(&s, n)["journal"], "done", "{n}: {s:#}");
+    }
+    // (A resume after clearing the fault does not finish yet: see the
+    // report — the dead-man rollback restarts w-4's k3s, which takes the
+    // servers' backend (none) and stays NotReady, and the resumed preflight's
+    // nodes.ready gate refuses.)
+}
+
+#[test]
+fn a_worker_whose_k3s_restarts_early_without_flannel_halts_the_run_naming_it() {
+    if !require_root("cnishift-lab up") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let lab = Up::new(
+        &inventory("mf-early", 2),
+        &["--fault", "w-2:worker-restarts-early"],
+    );
+    let state = state_dir(&lab);
+    let run = migrate(&lab, &state);
+    assert_eq!(run.code, Some(1), "{}", run.all);
+
+    // The controller's switch restarted w-2's k3s without Flannel; the watch
+    // between steps sees it and halts, naming w-2, before any worker starts.
+    let halted = run.halted();
+    assert_eq!(halted["node"], "w-2", "{halted}");
+    let first = run.stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("cnishift: halted at w-2, step ")
+            && first.contains("worker w-2 came up without Flannel before its turn"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("\n  nothing further was started\n"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.events
+            .iter()
+            .filter(|e| e["node"] == "w-1" || e["node"] == "w-2")
+            .all(|e| e["phase"] == "halted"),
+        "a worker was started: {}",
+        run.all
+    );
+    assert_untouched(&lab, &run_without_halt(&run), "w-1");
+    assert_untouched(&lab, &run_without_halt(&run), "w-2");
+    let s = status(&lab, &state);
+    assert_eq!(status_node(&s, "w-2")["k3s"], "none", "{s:#}");
+    assert_eq!(status_node(&s, "w-1")["k3s"], "flannel", "{s:#}");
+}
+
+fn run_without_halt(run: &Run) -> Run {
+    Run {
+        code: run.code,
+        events: run
+            .events
+            .iter()
+            .filter(|e| e["phase"] != "halted")
+            .cloned()
+            .collect(),
+        stderr: run.stderr.clone(),
+        all: run.all.clone(),
+    }
 }

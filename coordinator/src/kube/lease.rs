@@ -57,6 +57,30 @@ pub fn default_identity() -> String {
     format!("{user}@{host} pid {}", std::process::id())
 }
 
+/// True when `holder` names a coordinator on this machine (same `user@host`)
+/// whose process is gone: a coordinator killed with SIGKILL never released
+/// its Lease, and waiting out the TTL (or asking for
+/// `--take-over-stale-lock`) would only delay its own resume. A pid that is
+/// alive and is a `cnishift` process is never taken for dead.
+pub fn holder_is_dead_here(holder: &str) -> bool {
+    let ours = default_identity();
+    let (Some((who, pid)), Some((our_who, _))) =
+        (holder.rsplit_once(" pid "), ours.rsplit_once(" pid "))
+    else {
+        return false;
+    };
+    if who != our_who {
+        return false;
+    }
+    let Ok(pid) = pid.trim().parse::<u32>() else {
+        return false;
+    };
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Err(_) => true,
+        Ok(comm) => comm.trim() != "cnishift",
+    }
+}
+
 /// Who holds a lease, as another coordinator is told.
 #[derive(Debug, Clone)]
 pub struct Holder {
@@ -241,13 +265,15 @@ impl Kube {
                         renewed_ago: ago(&seen.renewed),
                         ttl_s: seen.ttl_seconds,
                     };
-                    if !seen.stale {
+                    if holder_is_dead_here(&seen.holder) {
+                        tracing::warn!(lease = %id, previous = %seen.holder, "taking over the migration lock of a coordinator on this machine whose process is gone");
+                    } else if !seen.stale {
                         return Err(LockError::Held(holder).into());
-                    }
-                    if !opts.take_over_stale {
+                    } else if !opts.take_over_stale {
                         return Err(LockError::Stale(holder).into());
+                    } else {
+                        tracing::warn!(lease = %id, previous = %seen.holder, "taking over a stale migration lock");
                     }
-                    tracing::warn!(lease = %id, previous = %seen.holder, "taking over a stale migration lock");
                 }
                 let old = existing.spec.clone().unwrap_or_default();
                 let transitions = old.lease_transitions.unwrap_or(0)
@@ -427,5 +453,26 @@ impl LockGuard {
             Err(e) if e.code() == Some(404) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_gone_process_of_this_user_and_host_is_dead() {
+        let ours = default_identity();
+        let (who, _) = ours.rsplit_once(" pid ").unwrap();
+        // This test process is alive but is not `cnishift`: a reused pid.
+        assert!(holder_is_dead_here(&format!(
+            "{who} pid {}",
+            std::process::id()
+        )));
+        // A pid that cannot exist.
+        assert!(holder_is_dead_here(&format!("{who} pid 4294967295")));
+        // Another machine's coordinator is never judged from here.
+        assert!(!holder_is_dead_here("alice@elsewhere pid 4294967295"));
+        assert!(!holder_is_dead_here("garbage"));
     }
 }

@@ -518,21 +518,21 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
         let started = Instant::now();
         match self.ctx.hook(&t, first, "cilium-install", deadline).await {
             Ok(d) => {
+                self.write(Record::Done {
+                    node: None,
+                    step: "cilium-install".into(),
+                    time: journal::now(),
+                    detail: d.clone(),
+                })
+                .map_err(|e| self.halt(None, "cilium-install", e, String::new()))?;
                 self.emit(
                     None,
                     "cilium-install",
                     Phase::Done,
                     started.elapsed(),
                     Some(deadline),
-                    d.clone(),
+                    d,
                 );
-                self.write(Record::Done {
-                    node: None,
-                    step: "cilium-install".into(),
-                    time: journal::now(),
-                    detail: d,
-                })
-                .map_err(|e| self.halt(None, "cilium-install", e, String::new()))?;
                 self.state.cluster.done.insert("cilium-install".into());
                 Ok(())
             }
@@ -641,6 +641,16 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
         for (n, r) in nodes.iter().zip(results) {
             match r {
                 Ok(detail) => {
+                    // The journal first: whoever sees "done" (the event, the
+                    // Node's Event) may kill us, and a resumed run must not
+                    // redo a step that was reported done.
+                    self.write(Record::Done {
+                        node: Some(n.name.clone()),
+                        step: step.name().into(),
+                        time: journal::now(),
+                        detail: detail.clone(),
+                    })
+                    .map_err(|e| self.halt(Some(n), step.name(), e, String::new()))?;
                     self.emit(
                         Some(&n.name),
                         step.name(),
@@ -653,13 +663,6 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                         .cluster
                         .record(&n.name, &format!("{}-done", step.name()), true, &detail)
                         .await;
-                    self.write(Record::Done {
-                        node: Some(n.name.clone()),
-                        step: step.name().into(),
-                        time: journal::now(),
-                        detail,
-                    })
-                    .map_err(|e| self.halt(Some(n), step.name(), e, String::new()))?;
                 }
                 Err(cause) => {
                     self.emit(
@@ -799,21 +802,22 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
         };
         match r {
             Ok(detail) => {
+                self.write(Record::Done {
+                    node: None,
+                    step: name.into(),
+                    time: journal::now(),
+                    detail: detail.clone(),
+                })
+                .map_err(|e| self.halt(None, name, e, String::new()))?;
                 self.emit(
                     None,
                     name,
                     Phase::Done,
                     started.elapsed(),
                     Some(deadline),
-                    detail.clone(),
-                );
-                self.write(Record::Done {
-                    node: None,
-                    step: name.into(),
-                    time: journal::now(),
                     detail,
-                })
-                .map_err(|e| self.halt(None, name, e, String::new()))
+                );
+                Ok(())
             }
             Err(cause) => {
                 self.emit(
