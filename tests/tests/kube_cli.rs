@@ -150,6 +150,40 @@ fn a_second_coordinator_is_refused_and_told_who_holds_the_lock() {
 }
 
 #[test]
+fn the_fresh_lock_of_a_dead_coordinator_on_this_machine_is_taken_over_at_once() {
+    let s = setup();
+    // What a `cnishift migrate` killed with SIGKILL leaves: a Lease renewed
+    // a moment ago by `user@this-host pid N`, and no process N.
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let pid = dead.id();
+    dead.wait().unwrap();
+    let holder = format!("{user}@{} pid {pid}", host.trim());
+    let now = "2030-01-01T00:00:00.000000Z";
+    s.api.put_lease(
+        "kube-system",
+        "cnishift-migration",
+        json!({"holderIdentity": holder, "leaseDurationSeconds": 3600, "acquireTime": now, "renewTime": now}),
+    );
+    let taken = s.run(&["node", "cordon", "raccoon00"]);
+    assert_eq!(taken.status.code(), Some(0), "{}", text(&taken));
+    assert!(
+        String::from_utf8_lossy(&taken.stderr).contains("whose process is gone"),
+        "{}",
+        text(&taken)
+    );
+    // A live holder elsewhere, renewed just now, still refuses.
+    s.api.put_lease(
+        "kube-system",
+        "cnishift-migration",
+        json!({"holderIdentity": "alice@laptop pid 7", "leaseDurationSeconds": 3600, "acquireTime": now, "renewTime": now}),
+    );
+    let refused = s.run(&["node", "cordon", "raccoon01"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+}
+
+#[test]
 fn a_stale_lock_needs_the_flag_and_lock_status_and_release_say_what_they_do() {
     let s = setup();
     s.api.put_lease(
