@@ -12,6 +12,7 @@ pub mod labnet;
 pub mod loopback;
 pub mod netns;
 pub mod record;
+pub mod rehearse;
 pub mod supervisor;
 
 /// True when the caller may create namespaces; prints a loud SKIPPED line

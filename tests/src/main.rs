@@ -128,6 +128,30 @@ enum Cmd {
         #[arg(long)]
         spec: String,
     },
+    /// The whole migration on this machine: `up`, then the real `cnishift preflight`, `migrate`
+    /// (cleanup included) and `verify` from this machine's namespace, then a summary per node.
+    #[command(
+        after_help = "Example:\n  cnishift-lab rehearse -i examples/avalanche.toml\n  \
+                            cnishift-lab rehearse -i examples/avalanche.toml --fault raccoon03:hook-fails --keep\n\n\
+                            Exit codes: 0 the cluster ended migrated, verified and clean; 1 it did not (the summary\n\
+                            names the node, step and cause); 2 the lab could not be built."
+    )]
+    Rehearse {
+        /// The inventory to rehearse (names, roles, hooks and deadlines as for the real cluster).
+        #[arg(short, long, value_name = "FILE")]
+        inventory: PathBuf,
+        /// The lab's directory (default: a new temporary one).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// A fault on a node (repeatable), as for `up --fault`.
+        #[arg(long = "fault", value_name = "NODE:KIND")]
+        faults: Vec<String>,
+        /// Leave the lab up afterwards (for kubectl and `cnishift status`); `down --dir` removes it.
+        #[arg(long)]
+        keep: bool,
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
     /// Run the simulated Kubernetes API server alone (for kubectl and kube-rs), until Ctrl-C.
     #[command(
         after_help = "Example:\n  cnishift-lab apiserver --listen 127.0.0.1:16443 --kubeconfig-out /tmp/lab.kubeconfig --nodes 9 &\n  \
@@ -188,6 +212,33 @@ fn main() -> ExitCode {
             kernel_configs,
         } => up(inventory, dir, faults, kernel_configs),
         Cmd::Down { dir } => down(dir),
+        Cmd::Rehearse {
+            inventory,
+            dir,
+            faults,
+            keep,
+            output,
+        } => (|| -> anyhow::Result<u8> {
+            let opts = cnishift_lab::rehearse::Options {
+                inventory,
+                dir,
+                faults,
+                keep,
+            };
+            let s = cnishift_lab::rehearse::run(&opts, &mut |m| eprintln!("… {m}"))?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", cnishift_lab::rehearse::table(&s));
+                if keep {
+                    println!(
+                        "the lab is still up in {}: cnishift-lab down --dir {}",
+                        s.dir, s.dir
+                    );
+                }
+            }
+            Ok(if s.ok { 0 } else { 1 })
+        })(),
         Cmd::Status { dir, output } => status(&dir, &output),
         Cmd::Deploy { dir, node } => hook(&dir, Request::Deploy { node }),
         Cmd::Rollback { dir, node } => hook(&dir, Request::Rollback { node }),
