@@ -209,6 +209,15 @@ pub async fn run(
     deadline: std::time::Duration,
 ) -> Result<(), HookError> {
     let argv0 = argv.first().cloned().unwrap_or_default();
+    // A path that is not there is said so before anything starts: the
+    // operating system's spawn error is the same message, but under some
+    // runners (qemu-user) a failed exec shows up only as exit status 127.
+    if argv0.contains('/') && std::fs::metadata(&argv0).is_err() {
+        return Err(HookError::Spawn {
+            argv0: argv0.clone(),
+            detail: std::io::Error::from(std::io::ErrorKind::NotFound).to_string(),
+        });
+    }
     let log_err = |e: std::io::Error| HookError::Log {
         log: log.display().to_string(),
         detail: e.to_string(),
