@@ -61,19 +61,36 @@ fn up_serves_the_seed_inventory_to_kubectl_and_cnishift_from_this_machine() {
             .any(|l| l.contains("kube-vip") && l.contains("raccoon")),
         "{vip}"
     );
+    // The seed inventory limits Cilium's DaemonSet to migrated nodes
+    // ([cilium] node_label): before the migration no Cilium agent runs
+    // beside Flannel, so it has no pod anywhere yet.
+    let pods = lab.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "cilium",
+        "-l",
+        "k8s-app=cilium",
+        "--no-headers",
+    ]);
+    assert!(pods.status.success(), "{}", text(&pods));
+    assert_eq!(
+        String::from_utf8_lossy(&pods.stdout).lines().count(),
+        0,
+        "{}",
+        text(&pods)
+    );
     assert_eq!(
         lab.kubectl_ok(&[
             "get",
-            "pods",
+            "ds",
+            "cilium",
             "-n",
             "cilium",
-            "-l",
-            "k8s-app=cilium",
-            "--no-headers"
-        ])
-        .lines()
-        .count(),
-        9
+            "-o",
+            "jsonpath={.spec.template.spec.nodeSelector}"
+        ]),
+        r#"{"cnishift.io/cni":"cilium"}"#
     );
     // preflight from this machine reaches every agent; the fixed RK3588 config passes.
     let r = lab.preflight();
