@@ -81,7 +81,9 @@ pub(crate) async fn list_or_watch(
     headers: &HeaderMap,
 ) -> Response {
     if is_watch(&p) {
-        return watch(api, resource, ns, p).await;
+        // `kubectl get nodes -w` asks for server-side printing of each event.
+        let table = wants_table(headers) && ["nodes", "pods"].contains(&resource);
+        return watch(api, resource, ns, p, table).await;
     }
     let store = api.store.lock().expect("store");
     let items: Vec<Value> = store
