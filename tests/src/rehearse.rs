@@ -194,6 +194,21 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Summary> {
                         continue;
                     };
                     match phase {
+                        // The dead-man rollback after a failure is reported
+                        // beside the failure, never instead of it.
+                        "started" if step == "rollback" => {
+                            progress(&format!("{node}: waiting for its agent's rollback"));
+                        }
+                        "done" | "failed" if step == "rollback" => {
+                            let said = e["detail"].as_str().unwrap_or("");
+                            n.steps.push((step.clone(), elapsed));
+                            n.total_ms += elapsed;
+                            n.outcome = if phase == "done" {
+                                format!("{}; rolled back by its agent", n.outcome)
+                            } else {
+                                format!("{}; its agent's rollback failed: {said}", n.outcome)
+                            };
+                        }
                         "started" => {
                             n.outcome = format!("in {step}");
                             progress(&format!("{node}: {step}"));
