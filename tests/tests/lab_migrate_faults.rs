@@ -357,10 +357,11 @@ fn a_deploy_hook_failing_on_the_fourth_worker_halts_there_and_later_workers_are_
     for n in ["ctl-a", "w-1", "w-2", "w-3"] {
         assert_eq!(status_node(&s, n)["journal"], "done", "{n}: {s:#}");
     }
-    // (A resume after clearing the fault does not finish yet: see the
-    // report — the dead-man rollback restarts w-4's k3s, which takes the
-    // servers' backend (none) and stays NotReady, and the resumed preflight's
-    // nodes.ready gate refuses.)
+    // No node but w-4 is left cordoned; cleared, the same command finishes.
+    for n in ["ctl-a", "w-1", "w-2", "w-3", "w-5"] {
+        assert!(!kube_node(&lab, n).0, "{n} is cordoned");
+    }
+    clear_and_resume(&lab, &state, &["ctl-a", "w-1", "w-2", "w-3", "w-4", "w-5"]);
 }
 
 #[test]
@@ -406,6 +407,17 @@ fn a_worker_whose_k3s_restarts_early_without_flannel_halts_the_run_naming_it() {
     let s = status(&lab, &state);
     assert_eq!(status_node(&s, "w-2")["k3s"], "none", "{s:#}");
     assert_eq!(status_node(&s, "w-1")["k3s"], "flannel", "{s:#}");
+    // The controller in flight is not left to its dead-man clock.
+    let arm = status_node(&s, "ctl-a")["arm_state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        !arm.starts_with("armed") && !arm.contains("rolled"),
+        "ctl-a was left armed: {s:#}"
+    );
+    // Cleared, the same command migrates w-2 (and the rest) to the end.
+    clear_and_resume(&lab, &state, &["ctl-a", "w-1", "w-2"]);
 }
 
 fn run_without_halt(run: &Run) -> Run {
