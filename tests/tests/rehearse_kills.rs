@@ -30,7 +30,7 @@
 //!   running, before the cleanup), each from a fresh lab, killed once and
 //!   then resumed by ONE run to the end.
 //! - `twenty_kills_at_random_moments`: kills from outside at random moments
-//!   (uniform in 20 ms – 1.5 s after each start, seed printed, overridable
+//!   (uniform in 20 ms – 2.5 s after each start, seed printed, overridable
 //!   with CNISHIFT_KILL_SEED), chained the same way until 20 kills landed on a
 //!   running coordinator, across as many fresh labs as that takes; these land
 //!   inside steps and hooks and mid-write (a torn journal line), not only at
@@ -383,7 +383,7 @@ fn twenty_kills_at_random_moments() {
                 migrate_to_the_end(&lab, "the run after the 20th kill");
                 break;
             }
-            let delay = Duration::from_millis(rng.between(20, 1500));
+            let delay = Duration::from_millis(rng.between(20, 2500));
             match migrate_killed_at(&lab, delay) {
                 None => {
                     kills += 1;
