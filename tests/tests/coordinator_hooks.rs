@@ -10,9 +10,11 @@
 //! The shipped binary: `CNISHIFT_SHIPPED_COORDINATOR`, else
 //! target/release/cnishift when it exists (the README's first command builds
 //! it; a `--release` build never enables a dev-dependency's feature). CI
-//! builds no shipped coordinator (its cost is in BENCHMARKS.md, "CI time"),
-//! so there the proof is Cargo's own resolution of a build without tests
-//! (`a_build_without_tests_resolves_no_test_hooks`); both are run here.
+//! builds no shipped coordinator (a build without the tests' dependencies
+//! resolves tokio and a few other shared crates with other features, so most
+//! of the dependency tree would compile a second time), so there the proof
+//! is Cargo's own resolution of a build without tests
+//! (`a_build_without_tests_resolves_no_test_hooks`); both run where they can.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
-//! The kill matrix (issue 15): the real `cnishift migrate` of a 1 controller
-//! + 2 workers lab SIGKILLed at step boundaries and at random moments, then
+//! The kill matrix (issue 15): the real `cnishift migrate` of a lab of one
+//! controller and two workers SIGKILLed at step boundaries and at random moments, then
 //! run again. Every time the run goes on and ends with every node migrated,
 //! Ready, labelled and uncordoned, and no deploy ran twice unless a kill fell
 //! inside it (the lab's hooks log every run: DIR/logs/hooks.log).
