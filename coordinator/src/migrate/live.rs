@@ -15,7 +15,9 @@ use crate::kube::gates::Verdict;
 use crate::kube::lease::{self, LockGuard};
 use crate::kube::Kube;
 
-use super::steps::{node_step, ArmState, Cause, Cluster, Control, NodeAgents, NodeStep};
+use super::steps::{
+    node_step, ArmState, Cause, Cluster, Control, K3sNetwork, NodeAgents, NodeStep,
+};
 
 /// The Kubernetes API, with the migration Lease held.
 pub struct KubeCluster<'a> {
@@ -47,10 +49,14 @@ fn camel(step: &str) -> String {
 }
 
 impl Cluster for KubeCluster<'_> {
-    async fn gates(&self) -> Result<(), Cause> {
+    async fn gates(&self, unfinished: &[String]) -> Result<(), Cause> {
         let gates = self
             .kube
-            .cluster_gates(&self.inv.cluster.cilium_namespace, self.inv.cluster.api_vip)
+            .cluster_gates_except(
+                &self.inv.cluster.cilium_namespace,
+                self.inv.cluster.api_vip,
+                unfinished,
+            )
             .await;
         let failed: Vec<String> = gates
             .iter()
@@ -175,10 +181,24 @@ impl Cluster for KubeCluster<'_> {
     }
 }
 
-/// The agents, over mutual TLS.
+/// The agents, over mutual TLS: every read-only question over the node's
+/// pooled connection (asked between every two steps, it must be cheap),
+/// every changing call — ArmRollback, Confirm, Disarm, DialFromNode,
+/// cleanup — over a connection of its own.
 pub struct AgentClients<'a> {
     pub tls: &'a ClientTls,
     pub inv: &'a Inventory,
+    pub pool: agents::Pool,
+}
+
+impl<'a> AgentClients<'a> {
+    pub fn new(tls: &'a ClientTls, inv: &'a Inventory) -> Self {
+        AgentClients {
+            tls,
+            inv,
+            pool: agents::Pool::default(),
+        }
+    }
 }
 
 /// The failing checks of a report, in the agent's words.
@@ -189,6 +209,22 @@ fn failing(r: &pb::NodeReport) -> String {
         .map(|c| format!("{}: {}", c.id, c.message))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// What k3s runs, from a report judged against the Flannel expectation:
+/// its `k3s.network` check passes on Flannel, fails without it, warns when
+/// the agent cannot tell. (The agent judges; this only reads the verdict.)
+pub fn k3s_network_of(r: &pb::NodeReport) -> K3sNetwork {
+    match r.checks.iter().find(|c| c.id == "k3s.network") {
+        None => K3sNetwork::Unknown("the agent's report has no k3s.network check".into()),
+        Some(c) if r.expect != pb::Expectation::Flannel as i32 => K3sNetwork::Unknown(format!(
+            "the agent judged k3s.network against another expectation: {}",
+            c.message
+        )),
+        Some(c) if c.verdict == pb::Verdict::Pass as i32 => K3sNetwork::Flannel,
+        Some(c) if c.verdict == pb::Verdict::Fail as i32 => K3sNetwork::NoFlannel,
+        Some(c) => K3sNetwork::Unknown(c.message.clone()),
+    }
 }
 
 /// The agent's dead-man state as the driver reads it.
@@ -211,10 +247,28 @@ pub fn arm_state_of(s: &pb::ArmState) -> ArmState {
 }
 
 impl AgentClients<'_> {
+    /// A full report: every probe, every verdict (Preflight, Verify).
     async fn report(&self, node: &Node, expect: pb::Expectation) -> Result<pb::NodeReport, Cause> {
-        agents::get_report_expecting(node, self.tls, &self.inv.deadlines, expect)
-            .await
-            .map_err(|e| e.to_string())
+        self.narrowed(node, expect, &[]).await
+    }
+
+    /// A report of `families` alone: only the probes they read run.
+    async fn narrowed(
+        &self,
+        node: &Node,
+        expect: pb::Expectation,
+        families: &[pb::CheckFamily],
+    ) -> Result<pb::NodeReport, Cause> {
+        agents::get_report_via(
+            node,
+            self.tls,
+            &self.inv.deadlines,
+            expect,
+            families,
+            agents::Via::Reuse(&self.pool),
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -255,10 +309,15 @@ impl NodeAgents for AgentClients<'_> {
     }
 
     async fn arm_state(&self, node: &Node) -> Result<ArmState, Cause> {
-        agents::arm_state(node, self.tls, &self.inv.deadlines)
-            .await
-            .map(|s| arm_state_of(&s))
-            .map_err(|e| e.to_string())
+        agents::arm_state_via(
+            node,
+            self.tls,
+            &self.inv.deadlines,
+            agents::Via::Reuse(&self.pool),
+        )
+        .await
+        .map(|s| arm_state_of(&s))
+        .map_err(|e| e.to_string())
     }
 
     async fn migrated(&self, node: &Node) -> Result<(), Cause> {
@@ -274,7 +333,13 @@ impl NodeAgents for AgentClients<'_> {
     }
 
     async fn pods_on_cni0(&self, node: &Node) -> Result<u32, Cause> {
-        let r = self.report(node, pb::Expectation::Cilium).await?;
+        let r = self
+            .narrowed(
+                node,
+                pb::Expectation::Cilium,
+                &[pb::CheckFamily::PodNetwork],
+            )
+            .await?;
         match r.checks.iter().find(|c| c.id == "cilium.pods") {
             None => Err("the agent's report has no cilium.pods check".into()),
             Some(c) if c.verdict != pb::Verdict::Fail as i32 => Ok(0),
@@ -303,11 +368,11 @@ impl NodeAgents for AgentClients<'_> {
         }
     }
 
-    async fn flannel_missing(&self, node: &Node) -> Result<bool, Cause> {
-        let r = self.report(node, pb::Expectation::Flannel).await?;
-        Ok(r.checks
-            .iter()
-            .any(|c| c.id == "k3s.network" && c.verdict == pb::Verdict::Fail as i32))
+    async fn k3s_network(&self, node: &Node) -> Result<K3sNetwork, Cause> {
+        let r = self
+            .narrowed(node, pb::Expectation::Flannel, &[pb::CheckFamily::K3s])
+            .await?;
+        Ok(k3s_network_of(&r))
     }
 
     async fn leftovers(&self, node: &Node) -> Result<Vec<String>, Cause> {
@@ -501,6 +566,40 @@ mod tests {
             }
         );
         assert_eq!(arm_state_of(&s(false, "disarmed")), ArmState::Disarmed);
+    }
+
+    #[test]
+    fn what_k3s_runs_is_read_from_the_agents_verdict_under_the_flannel_expectation() {
+        use super::{k3s_network_of, pb, K3sNetwork};
+        let r = |expect: pb::Expectation, verdict: pb::Verdict| pb::NodeReport {
+            expect: expect as i32,
+            checks: vec![pb::Check {
+                id: "k3s.network".into(),
+                verdict: verdict as i32,
+                message: "k3s's containerd reads /etc/cni/net.d".into(),
+                remediation: None,
+            }],
+            ..Default::default()
+        };
+        use pb::{Expectation as E, Verdict as V};
+        assert_eq!(k3s_network_of(&r(E::Flannel, V::Pass)), K3sNetwork::Flannel);
+        assert_eq!(
+            k3s_network_of(&r(E::Flannel, V::Fail)),
+            K3sNetwork::NoFlannel
+        );
+        assert_eq!(
+            k3s_network_of(&r(E::Flannel, V::Warn)),
+            K3sNetwork::Unknown("k3s's containerd reads /etc/cni/net.d".into())
+        );
+        // A verdict judged against another expectation is not read as one.
+        assert!(matches!(
+            k3s_network_of(&r(E::Cilium, V::Pass)),
+            K3sNetwork::Unknown(_)
+        ));
+        assert!(matches!(
+            k3s_network_of(&pb::NodeReport::default()),
+            K3sNetwork::Unknown(_)
+        ));
     }
 
     #[test]
