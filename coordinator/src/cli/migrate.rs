@@ -698,7 +698,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                     println!("! {n}");
                 }
                 println!(
-                    "{:<12} {:<10} {:<22} {:<6} {:<9} {:<8} {:<7} {:<8} ARM",
+                    "{:<12} {:<10} {:<26} {:<6} {:<9} {:<8} {:<7} {:<8} ARM",
                     "NODE", "ROLE", "JOURNAL", "READY", "CORDONED", "LABEL", "CILIUM", "K3S"
                 );
                 for r in &rows {
@@ -709,7 +709,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                         None => "-",
                     };
                     println!(
-                        "{:<12} {:<10} {:<22} {:<6} {:<9} {:<8} {:<7} {:<8} {}",
+                        "{:<12} {:<10} {:<26} {:<6} {:<9} {:<8} {:<7} {:<8} {}",
                         r["node"].as_str().unwrap_or(""),
                         r["role"].as_str().unwrap_or(""),
                         r["journal"].as_str().unwrap_or(""),

@@ -229,10 +229,16 @@ pub fn k3s_network_of(r: &pb::NodeReport) -> K3sNetwork {
 
 /// The agent's dead-man state as the driver reads it.
 pub fn arm_state_of(s: &pb::ArmState) -> ArmState {
+    // The agent says "rolled back: X" / "the rollback FAILED: X"; the
+    // outcome is already the variant, so only X is kept.
+    let said = ["rolled back: ", "the rollback FAILED: "]
+        .iter()
+        .find_map(|p| s.message.strip_prefix(p))
+        .unwrap_or(&s.message);
     let message = if s.output_tail.is_empty() {
-        s.message.clone()
+        said.to_string()
     } else {
-        format!("{} ({})", s.message, s.output_tail.trim())
+        format!("{said} ({})", s.output_tail.trim())
     };
     match s.outcome.as_str() {
         "succeeded" => ArmState::RolledBack { ok: true, message },
@@ -557,6 +563,14 @@ mod tests {
             arm_state_of(&s(false, "interrupted")),
             ArmState::RolledBack { ok: false, .. }
         ));
+        // The agent's own "rolled back: " is not said twice.
+        let said = pb::ArmState {
+            outcome: "succeeded".into(),
+            message: "rolled back: `nixos-rollback` exited 0".into(),
+            ..Default::default()
+        };
+        let read = arm_state_of(&said);
+        assert_eq!(read.to_string(), "rolled back: `nixos-rollback` exited 0");
         assert_eq!(arm_state_of(&s(true, "running")), ArmState::RollingBack);
         assert_eq!(arm_state_of(&s(false, "confirmed")), ArmState::Confirmed);
         assert_eq!(

@@ -650,7 +650,7 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                         Phase::Done,
                         started.elapsed(),
                         Some(limit),
-                        message.clone(),
+                        format!("rolled back by its agent: {message}"),
                     );
                     return self.after_rollback(node, &message, labelled).await;
                 }

@@ -166,11 +166,22 @@ pub(super) fn serve_control(lab: &Arc<Mutex<Lab>>, conn: UnixStream) -> Result<(
     // the k3s unit (Type=notify) is done, by which time k3s has written
     // containerd's config for the backend it took. Whoever asks the node
     // right after the rollback then sees what it runs now.
+    let mut reply = reply;
     if let (Some(i), true) = (restarting, reply.ok) {
         let until = Instant::now() + RESTART * 10;
         while Instant::now() < until && lab.lock().expect("lab").nodes[i].restart_until.is_some() {
             std::thread::sleep(TICK);
         }
+        let lab = lab.lock().expect("lab");
+        let n = &lab.nodes[i];
+        reply.message = match (n.restart_until.is_some(), n.backend) {
+            (true, _) => format!("{}; k3s still restarting", reply.message),
+            (false, Backend::Flannel) => format!("{}; k3s restarted, on Flannel", reply.message),
+            (false, Backend::None) => format!(
+                "{}; k3s restarted without Flannel (a k3s agent takes the backend from the servers)",
+                reply.message
+            ),
+        };
     }
     let mut w = &conn;
     writeln!(w, "{}", serde_json::to_string(&reply)?)?;
