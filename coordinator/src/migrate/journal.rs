@@ -23,6 +23,10 @@ use serde::{Deserialize, Serialize};
 use crate::inventory::Inventory;
 
 pub const FILE: &str = "journal.jsonl";
+/// The "step" of a worker the early-restart watch found without Flannel
+/// before its turn: journaled as that worker's failure, so a resume knows
+/// the run halted on it (and migrates it first of the workers).
+pub const WATCH: &str = "watch";
 
 /// One line's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,6 +212,11 @@ pub struct NodeState {
     pub rolled_back: Option<String>,
     /// The last step with a record, for status.
     pub last: Option<String>,
+    /// The early-restart watch halted the run on this worker (its agent's
+    /// words): it came up without Flannel before its turn. Kept once its
+    /// migration has begun, so that every later resume keeps it first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stranded: Option<String>,
 }
 
 /// Everything the journal says, folded.
@@ -238,6 +247,9 @@ impl State {
                     node, step, cause, ..
                 } => {
                     let n = s.entry(node.as_ref());
+                    if step == WATCH {
+                        n.stranded = Some(cause.clone());
+                    }
                     n.failed = Some((step.clone(), cause.clone()));
                     n.done.remove(step);
                     n.in_flight = None;

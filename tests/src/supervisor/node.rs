@@ -102,9 +102,7 @@ impl Lab {
         if !self.nodes[i].faults.contains(&Fault::Partition) {
             self.set_cut(i, false)?;
         }
-        Ok(Reply::ok(format!(
-            "{node}: k3s flags back to Flannel; k3s restarting"
-        )))
+        Ok(Reply::ok(format!("{node}: k3s flags back to Flannel")))
     }
 
     pub(super) fn start_health(&mut self, i: usize) -> Result<()> {
