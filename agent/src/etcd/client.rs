@@ -170,21 +170,35 @@ async fn check_into(host: &HostPaths, endpoint: &str, facts: &mut EtcdFacts) {
             }
         }
     }
-    let tried: Vec<String> = facts
+    let errors: Vec<&str> = facts
         .attempts
         .iter()
-        .map(|a| {
-            format!(
-                "{}: {}",
-                a.cert,
-                a.error.as_deref().unwrap_or("no error recorded")
-            )
-        })
+        .map(|a| a.error.as_deref().unwrap_or("no error recorded"))
         .collect();
-    facts.error = Some(format!(
-        "no client certificate worked against {endpoint}: {}",
-        tried.join("; ")
-    ));
+    facts.error = Some(match errors.as_slice() {
+        // The same answer whatever the certificate (nothing listens): once.
+        [first, rest @ ..] if !rest.is_empty() && rest.iter().all(|e| e == first) => format!(
+            "{endpoint}: {first} (with each client certificate: {})",
+            facts
+                .attempts
+                .iter()
+                .map(|a| a.cert.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => {
+            let tried: Vec<String> = facts
+                .attempts
+                .iter()
+                .zip(&errors)
+                .map(|(a, e)| format!("{}: {e}", a.cert))
+                .collect();
+            format!(
+                "no client certificate worked against {endpoint}: {}",
+                tried.join("; ")
+            )
+        }
+    });
 }
 
 /// The four questions over one connection. `Err` only when the member
