@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
-use cli::{certs, cleanup, cluster, lock, migrate, node, preflight};
+use cli::{certs, cleanup, cluster, etcd, lock, migrate, node, preflight};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +60,9 @@ enum Command {
     /// One migration step on one node through the Kubernetes API: cordon, drain, uncordon, wait.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// k3s's embedded etcd on the controllers: members, health, leader, quorum; a named snapshot.
+    #[command(subcommand)]
+    Etcd(etcd::EtcdCommand),
     /// The migration lock (a Lease in kube-system): who holds it; release it.
     #[command(subcommand)]
     Lock(lock::LockCommand),
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::Cleanup(a) => cleanup::run(a),
         Command::Cluster(c) => cluster::run(c),
         Command::Node(c) => node::run(c),
+        Command::Etcd(c) => etcd::run(c),
         Command::Lock(c) => lock::run(c),
         Command::Plan(a) => migrate::run_plan(a),
         Command::Migrate(a) => migrate::run_migrate(a),

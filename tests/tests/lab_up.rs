@@ -373,7 +373,10 @@ fn kill_9_of_the_supervisor_then_down_leaves_nothing() {
     assert_eq!(mine(&sh("ps -eo args")), Vec::<String>::new());
     // Gone, or a zombie of a parent that does not reap (the supervisor died).
     let stat = std::fs::read_to_string(format!("/proc/{etcd_pid}/stat")).unwrap_or_default();
-    assert!(stat.is_empty() || stat.contains(") Z "), "etcd {etcd_pid} runs: {stat}");
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "etcd {etcd_pid} runs: {stat}"
+    );
     assert!(!lab.dir.exists(), "the lab's files are gone");
 }
 
