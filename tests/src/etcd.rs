@@ -297,7 +297,7 @@ pub fn spawn(m: &Member) -> Result<Child> {
         .arg(t("peer-server-client.key"))
         .arg(format!("--heartbeat-interval={HEARTBEAT_MS}"))
         .arg(format!("--election-timeout={ELECTION_MS}"))
-        .args(["--logger=zap", "--log-outputs=stderr", "--log-level=warn"])
+        .args(["--logger=zap", "--log-outputs=stderr", "--log-level=info"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -290,6 +290,7 @@ pub(super) fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
         etcd_token: format!("cnishift-lab-{}", subnet),
     };
     // The members first: their election runs while the agents start.
+    let etcd_started = Instant::now();
     for i in 0..lab.nodes.len() {
         if lab.nodes[i].rec.role == Role::Controller {
             lab.start_etcd(i)?;
@@ -304,7 +305,23 @@ pub(super) fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
         }
     }
     lab.wait_agents(Duration::from_secs(20))?;
+    let agents_ready = etcd_started.elapsed();
     lab.wait_etcd(etcd::ETCD_READY)?;
+    let members: Vec<String> = lab
+        .nodes
+        .iter()
+        .filter(|n| n.etcd.is_some())
+        .map(|n| n.rec.name.clone())
+        .collect();
+    if !members.is_empty() {
+        let healthy = etcd_started.elapsed();
+        lab.rec.notes.push(format!(
+            "etcd: {} healthy {} ms after the members started (the agents listened at {} ms; etcdctl against k3s's paths: logs/NODE.etcd.log)",
+            members.join(", "),
+            healthy.as_millis(),
+            agents_ready.as_millis()
+        ));
+    }
     // Pods get their veths, DaemonSets their pods, before `up` returns.
     lab.tick();
     // The control socket listens before `up` is told the lab is ready, so
