@@ -72,7 +72,10 @@ enum Command {
     /// Migrate the cluster node by node (resumes a run from its journal).
     #[command(
         after_help = "Per node: preflight, cordon, drain, arm-rollback, deploy, label, wait-cilium-ready, repod,\n\
-                            verify, confirm, uncordon, done; then verify-cluster and cleanup. The first failure halts\n\
+                            verify, confirm, uncordon, done; then verify-cluster and cleanup. A controller's preflight\n\
+                            also refuses when taking it down would lose etcd's quorum (naming the member), and before\n\
+                            the first controller is cordoned a controller's agent takes an etcd snapshot (journaled;\n\
+                            --skip-etcd-snapshot goes without one, journaled too). The first failure halts\n\
                             between steps and says how to resume or roll the node back. The journal in --state-dir\n\
                             makes a resumed run start where the last one stopped.\n\n\
                             Exit codes: 0 migrated, 1 halted or interrupted (or the lock held), 2 usage, inventory,\n\

@@ -19,11 +19,14 @@
 //!   fails or hangs (bounded by the agent) halts the run; it is never skipped
 //!   silently.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cnishift_proto::v1 as pb;
 use serde::Serialize;
 
+use super::journal::{self, Record};
+use super::run::{Ctx, Driver, Event, Halt, Outcome, Phase};
+use super::steps::{Cause, Cluster, NodeAgents};
 use crate::inventory::{Node, Role};
 
 /// The journal's (cluster) step for the snapshot.
@@ -261,12 +264,192 @@ pub fn safe_to_take_down(view: &View, target: &str) -> Result<String, String> {
     }
 }
 
+/// Every controller's answer, at once, in inventory order.
+pub async fn answers<A: NodeAgents>(agents: &A, controllers: &[Node]) -> Vec<(Node, Answer)> {
+    let got = futures::future::join_all(controllers.iter().map(|n| agents.etcd_status(n))).await;
+    controllers.iter().cloned().zip(got).collect()
+}
+
+/// The quorum gate of a controller's Preflight: Ok is the detail for the
+/// step's message, Err its cause.
+pub async fn gate<C: Cluster, A: NodeAgents>(
+    ctx: &Ctx<'_, C, A>,
+    node: &Node,
+) -> Result<String, Cause> {
+    let controllers = controllers(&ctx.inv.nodes);
+    let answers = answers(ctx.agents, &controllers).await;
+    match view(&answers)? {
+        None => Ok("no controller runs embedded etcd: no quorum to keep".into()),
+        Some(v) => safe_to_take_down(&v, &node.name),
+    }
+}
+
 pub fn controllers(nodes: &[Node]) -> Vec<Node> {
     nodes
         .iter()
         .filter(|n| n.role == Role::Controller)
         .cloned()
         .collect()
+}
+
+fn emit<C, A>(d: &mut Driver<'_, C, A>, phase: Phase, elapsed: Duration, detail: String) {
+    let ev = Event {
+        time: journal::now(),
+        run: d.ctx.run.clone(),
+        node: None,
+        step: SNAPSHOT_STEP.into(),
+        phase,
+        elapsed_ms: elapsed.as_millis() as u64,
+        deadline_ms: Some(SNAPSHOT_TIMEOUT.as_millis() as u64),
+        detail,
+    };
+    (d.sink)(&ev);
+}
+
+fn write<C, A>(d: &mut Driver<'_, C, A>, rec: Record) -> Result<(), String> {
+    match d.journal.as_deref_mut() {
+        None => Ok(()),
+        Some(j) => j
+            .append(rec)
+            .map_err(|e| format!("cannot write the journal {}: {e}", j.path().display())),
+    }
+}
+
+fn halt<C, A>(d: &Driver<'_, C, A>, cause: String, aftermath: String) -> Outcome {
+    Outcome::Halted(Halt {
+        node: None,
+        step: SNAPSHOT_STEP.into(),
+        cause,
+        aftermath,
+        resume: d.ctx.opts.resume_command.clone(),
+        rollback: None,
+    })
+}
+
+/// Before the first controller is touched: a snapshot taken in this run
+/// (journaled with its file and size), or `--skip-etcd-snapshot`
+/// (journaled), or a halt that names both ways on. `todo` are the nodes the
+/// next step touches; nothing happens when none is a controller or the run
+/// already has its snapshot.
+pub async fn snapshot_once<C: Cluster, A: NodeAgents>(
+    d: &mut Driver<'_, C, A>,
+    todo: &[Node],
+) -> Result<(), Outcome> {
+    if d.state.cluster.done.contains(SNAPSHOT_STEP)
+        || !todo.iter().any(|n| n.role == Role::Controller)
+    {
+        return Ok(());
+    }
+    // The controllers about to be touched first, then the others.
+    let mut order: Vec<Node> = todo
+        .iter()
+        .filter(|n| n.role == Role::Controller)
+        .cloned()
+        .collect();
+    let rest: Vec<Node> = controllers(&d.ctx.inv.nodes)
+        .into_iter()
+        .filter(|c| !order.iter().any(|o| o.name == c.name))
+        .collect();
+    order.extend(rest);
+    let run = d.ctx.run.clone();
+    if d.ctx.opts.dry_run {
+        let detail = if d.ctx.opts.skip_etcd_snapshot {
+            format!("no etcd snapshot ({SKIP_FLAG}): record that in the journal")
+        } else {
+            format!(
+                "ask {}'s agent for an etcd snapshot named cnishift-pre-{run} (its own command), before the first controller is touched",
+                order[0].name
+            )
+        };
+        emit(d, Phase::DryRun, Duration::ZERO, detail);
+        return Ok(());
+    }
+    let io = |d: &Driver<'_, C, A>, e: String| halt(d, e, String::new());
+    write(
+        d,
+        Record::Intent {
+            node: None,
+            step: SNAPSHOT_STEP.into(),
+            time: journal::now(),
+        },
+    )
+    .map_err(|e| io(d, e))?;
+    let started = Instant::now();
+    let outcome: Result<String, String> = if d.ctx.opts.skip_etcd_snapshot {
+        Ok(format!(
+            "skipped ({SKIP_FLAG}): no etcd snapshot was taken in this run"
+        ))
+    } else {
+        emit(
+            d,
+            Phase::Started,
+            Duration::ZERO,
+            format!("asking {} for an etcd snapshot", order[0].name),
+        );
+        let mut failures = vec![];
+        let mut taken = None;
+        for n in &order {
+            match d.ctx.agents.etcd_snapshot(n, &run, SNAPSHOT_TIMEOUT).await {
+                Ok(t) => {
+                    taken = Some(format!(
+                        "{}: {} ({} bytes, {} ms)",
+                        n.name, t.path, t.size_bytes, t.elapsed_ms
+                    ));
+                    break;
+                }
+                Err(e) => failures.push(format!("{}: {e}", n.name)),
+            }
+        }
+        match taken {
+            Some(t) if failures.is_empty() => Ok(t),
+            Some(t) => Ok(format!("{t} (before it: {})", failures.join("; "))),
+            None => Err(format!(
+                "no etcd snapshot could be taken, and migrate does not touch the first controller without one: {}",
+                failures.join("; ")
+            )),
+        }
+    };
+    match outcome {
+        Ok(detail) => {
+            write(
+                d,
+                Record::Done {
+                    node: None,
+                    step: SNAPSHOT_STEP.into(),
+                    time: journal::now(),
+                    detail: detail.clone(),
+                },
+            )
+            .map_err(|e| io(d, e))?;
+            let phase = if d.ctx.opts.skip_etcd_snapshot {
+                Phase::Skipped
+            } else {
+                Phase::Done
+            };
+            emit(d, phase, started.elapsed(), detail);
+            d.state.cluster.done.insert(SNAPSHOT_STEP.into());
+            Ok(())
+        }
+        Err(cause) => {
+            emit(d, Phase::Failed, started.elapsed(), cause.clone());
+            let _ = write(
+                d,
+                Record::Failed {
+                    node: None,
+                    step: SNAPSHOT_STEP.into(),
+                    time: journal::now(),
+                    cause: cause.clone(),
+                },
+            );
+            Err(halt(
+                d,
+                cause,
+                format!(
+                    "no node was touched; fix the snapshot and resume, or back k3s's datastore up yourself and resume with {SKIP_FLAG}"
+                ),
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
