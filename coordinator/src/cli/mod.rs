@@ -15,6 +15,7 @@ pub mod arm;
 pub mod certs;
 pub mod cleanup;
 pub mod cluster;
+pub mod etcd;
 pub mod lock;
 pub mod migrate;
 pub mod node;
