@@ -8,3 +8,4 @@ pub mod inventory;
 pub mod kube;
 pub mod migrate;
 pub mod render;
+pub mod values;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
-use cli::{certs, cleanup, cluster, lock, migrate, node, preflight};
+use cli::{certs, cleanup, cluster, lock, migrate, node, preflight, values};
 
 #[derive(Parser)]
 #[command(
@@ -86,6 +86,9 @@ enum Command {
     Rollback(migrate::RollbackArgs),
     /// The validation checklist: nodes Ready, Cilium on every node, agents' verdicts, the VIP, leftovers.
     Verify(migrate::VerifyArgs),
+    /// The Cilium Helm values checked against this cluster (also a Preflight gate with [cilium] values).
+    #[command(subcommand)]
+    Values(values::ValuesCommand),
 }
 
 fn main() -> ExitCode {
@@ -109,5 +112,6 @@ fn main() -> ExitCode {
         Command::Status(a) => migrate::run_status(a),
         Command::Rollback(a) => migrate::run_rollback(a),
         Command::Verify(a) => migrate::run_verify(a),
+        Command::Values(c) => values::run(c),
     }
 }

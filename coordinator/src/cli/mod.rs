@@ -19,6 +19,7 @@ pub mod lock;
 pub mod migrate;
 pub mod node;
 pub mod preflight;
+pub mod values;
 
 /// Exit codes (also in the README).
 pub const EXIT_OK: u8 = 0;
