@@ -26,7 +26,9 @@ never turns Ready after its deploy), cilium-crashloop (the Cilium pod restarts, 
 says Failure), agent-down (the agent is stopped), partition (the admin box cannot reach the node;\n\
 the API still sees it), pdb-blocks (a PDB on a pod of the node never allows), slow-api (every API\n\
 answer comes after [deadlines] api + 1 s), unconfirmed (after its deploy the admin box cannot\n\
-reach the node), worker-restarts-early (the worker's k3s restarts as soon as a server switches).";
+reach the node), worker-restarts-early (the worker's k3s restarts as soon as a server switches),\n\
+sole-replica (a Longhorn volume's only healthy replica is the node's), other-subnet (the node's\n\
+InternalIP moves to 192.0.2.0/24, a second address on its eth0).";
 
 fn fault_arg(s: &str) -> Result<(String, Fault), String> {
     let (n, k) = node_pair(s)?;

@@ -75,9 +75,15 @@ pub enum Fault {
     Unconfirmed,
     /// The worker's k3s restarts as soon as a server switches backend.
     WorkerRestartsEarly,
+    /// A Longhorn volume's only healthy replica is the one on the node (the
+    /// postgres volume's, else vaultwarden's): the others failed.
+    SoleReplica,
+    /// The node registers with an InternalIP on another subnet (192.0.2.0/24,
+    /// a second address on its eth0), as a node behind a router would.
+    OtherSubnet,
 }
 
-pub const FAULT_KINDS: &str = "hook-fails, hook-hangs, never-ready, cilium-crashloop, agent-down, partition, pdb-blocks, slow-api, unconfirmed, worker-restarts-early";
+pub const FAULT_KINDS: &str = "hook-fails, hook-hangs, never-ready, cilium-crashloop, agent-down, partition, pdb-blocks, slow-api, unconfirmed, worker-restarts-early, sole-replica, other-subnet";
 
 impl std::str::FromStr for Fault {
     type Err = String;
