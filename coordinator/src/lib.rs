@@ -3,6 +3,7 @@
 //! Flannel to Cilium one at a time.
 
 pub mod agents;
+pub mod backup;
 pub mod certs;
 pub mod inventory;
 pub mod kube;

@@ -12,6 +12,7 @@ use cnishift::inventory::{Inventory, Load};
 use cnishift::kube::{Kube, KubeError, KubeOptions};
 
 pub mod arm;
+pub mod backup;
 pub mod certs;
 pub mod cleanup;
 pub mod cluster;
