@@ -184,7 +184,7 @@ pub async fn collect(
                 });
                 serde_json::to_value(o).unwrap_or_default()
             })
-            .filter(|o| keep(o))
+            .filter(keep)
             .map(strip)
             .collect();
         items.sort_by_key(name_of);
