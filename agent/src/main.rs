@@ -203,8 +203,20 @@ struct ReportArgs {
     /// default: readiness for Cilium only.
     #[arg(long, value_enum, default_value_t = ExpectArg::Unspecified)]
     expect: ExpectArg,
+    /// Only these families of checks, and only the probes they read (k3s:
+    /// does k3s run Flannel here, with which flags; pod-network: pods left on
+    /// cni0, judged with --expect cilium). The exit status then speaks for
+    /// those checks alone. Default: every check.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "FAMILY")]
+    only: Vec<FamilyArg>,
     #[command(flatten)]
     host: HostArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FamilyArg {
+    K3s,
+    PodNetwork,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -328,9 +340,25 @@ fn run_report(args: ReportArgs) -> ExitCode {
         ExpectArg::Flannel => policy::Expect::Flannel,
         ExpectArg::Cilium => policy::Expect::Cilium,
     };
-    let r = report::build_expecting(&opts, expect);
+    let families: Vec<policy::Family> = args
+        .only
+        .iter()
+        .map(|f| match f {
+            FamilyArg::K3s => policy::Family::K3s,
+            FamilyArg::PodNetwork => policy::Family::PodNetwork,
+        })
+        .collect();
+    let r = report::build_narrowed(&opts, expect, &families);
+    let json = || -> serde_json::Result<String> {
+        let mut v = serde_json::to_value(&r)?;
+        if !r.families.is_empty() {
+            // Only the facts that were probed (as over gRPC).
+            v["facts"] = serde_json::from_str(&r.facts_json())?;
+        }
+        serde_json::to_string_pretty(&v)
+    };
     let text = match (args.json, args.output) {
-        (true, _) | (_, Output::Json) => match serde_json::to_string_pretty(&r) {
+        (true, _) | (_, Output::Json) => match json() {
             Ok(j) => j + "\n",
             Err(e) => {
                 eprintln!("cnishift-agent: cannot encode the report as JSON: {e}");

@@ -194,6 +194,35 @@ pub enum Expect {
     Cilium,
 }
 
+/// A family of checks that can be judged alone (the wire's `CheckFamily`):
+/// the questions the coordinator asks between every two migration steps,
+/// which need a few file reads, not every kernel and BPF probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// `k3s.flags`, `k3s.network`: from the k3s facts and containerd's
+    /// generated config (the CNI facts).
+    K3s,
+    /// `cilium.pods`: from the network facts; judged only when Cilium is
+    /// expected, as in a full report.
+    PodNetwork,
+}
+
+/// The checks of `families` alone, judged exactly as a full report judges
+/// them (the same functions, so a narrowed answer never disagrees with a
+/// full one).
+pub fn evaluate_families(f: &Facts, expect: Expect, families: &[Family]) -> Vec<Check> {
+    let mut out = Vec::new();
+    if families.contains(&Family::K3s) {
+        k3s(f, expect, &mut out);
+        k3s_network_check(f, expect, &mut out);
+    }
+    if families.contains(&Family::PodNetwork) && expect == Expect::Cilium {
+        pods_on_cni0(f, &mut out);
+    }
+    out
+}
+
 pub fn evaluate(f: &Facts) -> Vec<Check> {
     evaluate_expecting(f, Expect::Unspecified)
 }
@@ -1052,6 +1081,12 @@ fn cilium(f: &Facts, expect: Expect, out: &mut Vec<Check>) {
             check("cilium.interfaces", Verdict::Fail, bad.join(", "), Some("the Cilium agent creates them when it starts: look at the cilium pod on this node".into()))
         }
     });
+    pods_on_cni0(f, out);
+}
+
+/// `cilium.pods`: a pod whose veth is still on `cni0` has no Cilium endpoint.
+fn pods_on_cni0(f: &Facts, out: &mut Vec<Check>) {
+    let n = &f.network;
     if n.not_probed.is_none() {
         out.push(if n.cni0_members.is_empty() {
             pass("cilium.pods", "no pod interface is left on Flannel's cni0")

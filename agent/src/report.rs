@@ -23,9 +23,42 @@ pub struct Report {
     /// `flannel` (not migrated yet) or `cilium` (migrated).
     #[serde(default)]
     pub expect: policy::Expect,
+    /// The families a narrowed report covers; empty for a full report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub families: Vec<policy::Family>,
     pub summary: Summary,
     pub checks: Vec<Check>,
     pub facts: Facts,
+}
+
+impl Report {
+    /// The facts as the wire's `facts_json`: all of them, or for a narrowed
+    /// report only the families it probed (the others were never read, so
+    /// shipping their empty values would only mislead).
+    pub fn facts_json(&self) -> String {
+        let error =
+            |e: serde_json::Error| serde_json::json!({ "error": e.to_string() }).to_string();
+        if self.families.is_empty() {
+            return serde_json::to_string(&self.facts).unwrap_or_else(error);
+        }
+        let all = match serde_json::to_value(&self.facts) {
+            Ok(v) => v,
+            Err(e) => return error(e),
+        };
+        let mut out = serde_json::Map::new();
+        for f in &self.families {
+            let keys: &[&str] = match f {
+                policy::Family::K3s => &["k3s", "cni"],
+                policy::Family::PodNetwork => &["network"],
+            };
+            for k in keys {
+                if let Some(v) = all.get(*k) {
+                    out.insert(k.to_string(), v.clone());
+                }
+            }
+        }
+        serde_json::Value::Object(out).to_string()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,14 +87,40 @@ pub fn build(opts: &Options) -> Report {
 }
 
 pub fn build_expecting(opts: &Options, expect: policy::Expect) -> Report {
-    let options = policy::wanted_options();
-    let modules = policy::wanted_modules();
-    let wanted = probe::Wanted {
-        config_options: &options,
-        modules: &modules,
+    build_narrowed(opts, expect, &[])
+}
+
+/// The report of `families` alone (every family when empty): only the
+/// probes those checks read run, so the coordinator's frequent questions
+/// (does k3s still run Flannel here? any pod left on cni0?) cost a few file
+/// reads or one netlink dump, not the whole kernel, BPF and iptables survey.
+pub fn build_narrowed(
+    opts: &Options,
+    expect: policy::Expect,
+    families: &[policy::Family],
+) -> Report {
+    let mut families = families.to_vec();
+    families.sort();
+    families.dedup();
+    let (facts, checks) = if families.is_empty() {
+        let options = policy::wanted_options();
+        let modules = policy::wanted_modules();
+        let wanted = probe::Wanted {
+            config_options: &options,
+            modules: &modules,
+        };
+        let facts = probe::collect(&opts.host, opts.live, &wanted);
+        let checks = policy::evaluate_expecting(&facts, expect);
+        (facts, checks)
+    } else {
+        let only = probe::Only {
+            k3s: families.contains(&policy::Family::K3s),
+            network: families.contains(&policy::Family::PodNetwork),
+        };
+        let facts = probe::collect_only(&opts.host, opts.live, only);
+        let checks = policy::evaluate_families(&facts, expect, &families);
+        (facts, checks)
     };
-    let facts = probe::collect(&opts.host, opts.live, &wanted);
-    let checks = policy::evaluate_expecting(&facts, expect);
     let mut summary = Summary::default();
     for c in &checks {
         match c.verdict {
@@ -71,6 +130,19 @@ pub fn build_expecting(opts: &Options, expect: policy::Expect) -> Report {
         }
     }
     let mut skipped_probes = Vec::new();
+    if !families.is_empty() {
+        skipped_probes.push(format!(
+            "every probe but {}'s: not asked for (a narrowed report)",
+            families
+                .iter()
+                .map(|f| match f {
+                    policy::Family::K3s => "k3s and cni",
+                    policy::Family::PodNetwork => "network",
+                })
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ));
+    }
     if !opts.live {
         skipped_probes.extend(
             [
@@ -97,6 +169,7 @@ pub fn build_expecting(opts: &Options, expect: policy::Expect) -> Report {
         host_root: opts.host.root().display().to_string(),
         skipped_probes,
         expect,
+        families,
         summary,
         checks,
         facts,

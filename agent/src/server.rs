@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cleanup;
 use crate::dial;
-use crate::policy::{Expect, Verdict};
+use crate::policy::{Expect, Family, Verdict};
 use crate::remediate;
 use crate::report::{self, Report};
 use crate::rollback::{self, Refused, Switch};
@@ -175,11 +175,20 @@ impl AgentService {
     }
 
     async fn build_report_expecting(&self, expect: Expect) -> Result<Report, Status> {
+        self.build_report_narrowed(expect, vec![]).await
+    }
+
+    async fn build_report_narrowed(
+        &self,
+        expect: Expect,
+        families: Vec<Family>,
+    ) -> Result<Report, Status> {
         let opts = self.report.clone();
         let start = std::time::Instant::now();
-        let r = tokio::task::spawn_blocking(move || report::build_expecting(&opts, expect))
-            .await
-            .map_err(|e| Status::internal(format!("the report task failed: {e}")))?;
+        let r =
+            tokio::task::spawn_blocking(move || report::build_narrowed(&opts, expect, &families))
+                .await
+                .map_err(|e| Status::internal(format!("the report task failed: {e}")))?;
         tracing::debug!(elapsed = ?start.elapsed(), checks = r.checks.len(), "report built");
         Ok(r)
     }
@@ -250,6 +259,27 @@ fn expect_from_proto(e: i32) -> Expect {
     }
 }
 
+/// The wire's families; an unknown number (a newer coordinator) is refused
+/// rather than silently widened or dropped.
+fn families_from_proto(fs: &[i32]) -> Result<Vec<Family>, Status> {
+    fs.iter()
+        .map(|f| match pb::CheckFamily::try_from(*f) {
+            Ok(pb::CheckFamily::K3s) => Ok(Family::K3s),
+            Ok(pb::CheckFamily::PodNetwork) => Ok(Family::PodNetwork),
+            _ => Err(Status::invalid_argument(format!(
+                "unknown check family {f}: this agent knows k3s (1) and pod-network (2)"
+            ))),
+        })
+        .collect()
+}
+
+fn family_proto(f: Family) -> pb::CheckFamily {
+    match f {
+        Family::K3s => pb::CheckFamily::K3s,
+        Family::PodNetwork => pb::CheckFamily::PodNetwork,
+    }
+}
+
 fn expect_proto(e: Expect) -> pb::Expectation {
     match e {
         Expect::Unspecified => pb::Expectation::Unspecified,
@@ -288,8 +318,8 @@ pub fn to_proto(r: &Report) -> pb::NodeReport {
             })
             .collect(),
         skipped_probes: r.skipped_probes.clone(),
-        facts_json: serde_json::to_string(&r.facts)
-            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        facts_json: r.facts_json(),
+        families: r.families.iter().map(|f| family_proto(*f) as i32).collect(),
     }
 }
 
@@ -372,8 +402,9 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<pb::NodeReport>, Status> {
         let names = peer_identity(&req)?;
         tracing::Span::current().record("peer", tracing::field::debug(&names));
+        let families = families_from_proto(&req.get_ref().families)?;
         let r = self
-            .build_report_expecting(expect_from_proto(req.get_ref().expect))
+            .build_report_narrowed(expect_from_proto(req.get_ref().expect), families)
             .await?;
         let mut out = to_proto(&r);
         out.arm_state = Some(arm_state_proto(&self.rollback.view()));

@@ -333,3 +333,58 @@ fn cilium_host_and_cilium_net_must_be_up_in_the_nodes_namespace() {
     assert!(message(&r, "cilium.pods")
         .starts_with("1 pod interfaces are still on Flannel's cni0 (vethpod1)"));
 }
+
+/// `--only k3s` (the wire's `families`): the k3s checks alone, judged the
+/// same as in the full report, from the k3s and CNI facts alone — Cilium's
+/// socket (like every kernel, BPF and iptables probe) is never touched.
+#[test]
+fn a_narrowed_report_judges_k3s_alone_as_the_full_report_does() {
+    let f = node();
+    f.write(CONTAINERD, containerd("/etc/cni/net.d"));
+    let dir = f.root().join("var/run/cilium");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cilium = UnixListener::bind(dir.join("cilium.sock")).unwrap();
+    cilium.set_nonblocking(true).unwrap();
+    let root = f.root().to_str().unwrap();
+    let (code, narrow) = report_json(&[
+        "--host-root",
+        root,
+        "--no-live-probes",
+        "--expect",
+        "flannel",
+        "--only",
+        "k3s",
+    ]);
+    assert!(
+        matches!(cilium.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the narrowed report asked Cilium's socket"
+    );
+    let ids: Vec<&str> = narrow["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["k3s.flags", "k3s.network"], "{narrow:#}");
+    assert_eq!(narrow["families"], serde_json::json!(["k3s"]));
+    let facts: Vec<&String> = narrow["facts"].as_object().unwrap().keys().collect();
+    assert_eq!(facts, ["cni", "k3s"], "only the probed facts");
+    // A worker without Flannel before its turn: a failure, so exit 1 — the
+    // same verdict and words as the full report's.
+    assert_eq!(code, 1);
+    let full = report(&f, "flannel");
+    for id in ids {
+        assert_eq!(check(&narrow, id), check(&full, id), "{id}");
+    }
+    // pod-network is judged only when Cilium is expected (as in full).
+    let (_, pods) = report_json(&[
+        "--host-root",
+        root,
+        "--no-live-probes",
+        "--expect",
+        "flannel",
+        "--only",
+        "pod-network",
+    ]);
+    assert_eq!(pods["checks"], serde_json::json!([]), "{pods:#}");
+}

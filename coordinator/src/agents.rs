@@ -1,8 +1,11 @@
-//! Talking to agents: one mutual-TLS gRPC client per call, the agent's
-//! certificate checked against the node name we meant to reach, and a
+//! Talking to agents: a mutual-TLS gRPC connection per call (or, for the
+//! read-only questions a migration repeats, one kept per node in a
+//! [`Pool`]), the agent's certificate checked against the node name we meant
+//! to reach, and a
 //! concurrent fan-out in which every node has its own deadline, so one dead or
 //! slow agent never holds up the others.
 
+use std::collections::HashMap;
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
@@ -161,30 +164,131 @@ fn status_error(node: &Node, s: tonic::Status) -> CallError {
     }
 }
 
-/// Connects to `node` and runs `call` on a client, the whole of it within
-/// `limit`: the one place every RPC gets its connection, its error
-/// classification and its deadline.
+/// Connections to agents kept open for the read-only questions a migration
+/// asks over and over: the early-restart watch between every two steps,
+/// Repod's "any pod left on cni0?", a dead-man rollback's progress. Each is
+/// a mutual-TLS channel whose handshake checked the node's certificate
+/// (tonic re-does that handshake, with the same name check, if it has to
+/// reconnect); a call that fails on it below gRPC drops it, so the next call
+/// connects afresh. Changing calls never use it — above all Confirm, which
+/// must come over a connection of its own (see [`confirm`]).
+#[derive(Default)]
+pub struct Pool {
+    channels: std::sync::Mutex<HashMap<String, Channel>>,
+}
+
+impl Pool {
+    fn key(node: &Node) -> String {
+        format!("{}@{}", node.name, node.address)
+    }
+
+    async fn channel(
+        &self,
+        node: &Node,
+        tls: &ClientTls,
+        deadlines: &Deadlines,
+    ) -> Result<Channel, CallError> {
+        let cached = self
+            .channels
+            .lock()
+            .expect("pool")
+            .get(&Self::key(node))
+            .cloned();
+        if let Some(ch) = cached {
+            return Ok(ch);
+        }
+        let ch = connect(node, tls, deadlines).await?;
+        self.channels
+            .lock()
+            .expect("pool")
+            .insert(Self::key(node), ch.clone());
+        Ok(ch)
+    }
+
+    fn forget(&self, node: &Node) {
+        self.channels.lock().expect("pool").remove(&Self::key(node));
+    }
+
+    /// How many connections are open (for tests).
+    pub fn open(&self) -> usize {
+        self.channels.lock().expect("pool").len()
+    }
+}
+
+/// Where a call gets its connection.
+#[derive(Clone, Copy)]
+pub enum Via<'a> {
+    /// A connection of its own, closed after the call.
+    Fresh,
+    /// The pool's connection to the node (read-only calls only).
+    Reuse(&'a Pool),
+}
+
+/// Connects to `node` (or takes the pool's connection) and runs `call` on a
+/// client, the whole of it within `limit`: the one place every RPC gets its
+/// connection, its error classification and its deadline.
 async fn with_client<T, Fut>(
     node: &Node,
     tls: &ClientTls,
     deadlines: &Deadlines,
     limit: Duration,
     what: &str,
+    via: Via<'_>,
     call: impl FnOnce(NodeAgentClient<Channel>) -> Fut,
 ) -> Result<T, CallError>
 where
     Fut: std::future::Future<Output = Result<T, CallError>>,
 {
     let run = async {
-        let ch = connect(node, tls, deadlines).await?;
+        let ch = match via {
+            Via::Fresh => connect(node, tls, deadlines).await?,
+            Via::Reuse(pool) => pool.channel(node, tls, deadlines).await?,
+        };
         call(NodeAgentClient::new(ch)).await
     };
-    tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
+    let r = tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
         Err(CallError::Timeout(format!(
             "no {what} from {} within {limit:?}",
             node.address
         )))
-    })
+    });
+    if let (Via::Reuse(pool), Err(e)) = (via, &r) {
+        if !matches!(e, CallError::Rpc { .. }) {
+            pool.forget(node);
+        }
+    }
+    r
+}
+
+/// One unary RPC: connection, deadline (`deadlines.report`), the answer
+/// unwrapped, a gRPC status classified.
+async fn unary<Req, Resp, Fut>(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    what: &str,
+    via: Via<'_>,
+    req: Req,
+    rpc: impl FnOnce(NodeAgentClient<Channel>, Req) -> Fut,
+) -> Result<Resp, CallError>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        what,
+        via,
+        |c| async move {
+            rpc(c, req)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| status_error(node, s))
+        },
+    )
+    .await
 }
 
 /// Asks one agent for its report, all within `deadlines.report`.
@@ -204,31 +308,44 @@ pub async fn get_report_expecting(
     deadlines: &Deadlines,
     expect: pb::Expectation,
 ) -> Result<pb::NodeReport, CallError> {
-    with_client(
+    get_report_via(node, tls, deadlines, expect, &[], Via::Fresh).await
+}
+
+/// The report narrowed to `families` (all of them when empty), over `via`.
+/// The agent must answer as the node we meant to reach.
+pub async fn get_report_via(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    expect: pb::Expectation,
+    families: &[pb::CheckFamily],
+    via: Via<'_>,
+) -> Result<pb::NodeReport, CallError> {
+    let req = pb::ReportRequest {
+        expect: expect as i32,
+        families: families.iter().map(|f| *f as i32).collect(),
+    };
+    let report = unary(
         node,
         tls,
         deadlines,
-        deadlines.report,
         "report",
-        |c| async move {
-            let report = c
-                .max_decoding_message_size(16 * 1024 * 1024)
-                .get_report(pb::ReportRequest {
-                    expect: expect as i32,
-                })
+        via,
+        req,
+        |c, r| async move {
+            c.max_decoding_message_size(16 * 1024 * 1024)
+                .get_report(r)
                 .await
-                .map_err(|s| status_error(node, s))?
-                .into_inner();
-            if report.node != node.name {
-                return Err(CallError::WrongIdentity(format!(
-                    "the agent at {} reports as {:?}, not {:?}",
-                    node.address, report.node, node.name
-                )));
-            }
-            Ok(report)
         },
     )
-    .await
+    .await?;
+    if report.node != node.name {
+        return Err(CallError::WrongIdentity(format!(
+            "the agent at {} reports as {:?}, not {:?}",
+            node.address, report.node, node.name
+        )));
+    }
+    Ok(report)
 }
 
 /// Arms the node's dead-man rollback for `run_id` (coordinator identity
@@ -244,24 +361,20 @@ pub async fn arm_rollback(
         run_id: run_id.into(),
         timeout_ms: timeout.as_millis() as u64,
     };
-    with_client(
+    unary(
         node,
         tls,
         deadlines,
-        deadlines.report,
         "arm answer",
-        |mut c| async move {
-            c.arm_rollback(req)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| status_error(node, s))
-        },
+        Via::Fresh,
+        req,
+        |mut c, r| async move { c.arm_rollback(r).await },
     )
     .await
 }
 
-/// Confirms the switch of `run_id`. Every call here opens its own
-/// connection, so this is never the connection that armed — which is what the
+/// Confirms the switch of `run_id`. Always on a connection of its own (never
+/// the pool's), so it is never the connection that armed — which is what the
 /// agent requires as proof the node is still reachable after the switch.
 pub async fn confirm(
     node: &Node,
@@ -272,18 +385,14 @@ pub async fn confirm(
     let req = pb::ConfirmRequest {
         run_id: run_id.into(),
     };
-    with_client(
+    unary(
         node,
         tls,
         deadlines,
-        deadlines.report,
         "confirm answer",
-        |mut c| async move {
-            c.confirm(req)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| status_error(node, s))
-        },
+        Via::Fresh,
+        req,
+        |mut c, r| async move { c.confirm(r).await },
     )
     .await
 }
@@ -298,18 +407,14 @@ pub async fn disarm(
     let req = pb::DisarmRequest {
         run_id: run_id.into(),
     };
-    with_client(
+    unary(
         node,
         tls,
         deadlines,
-        deadlines.report,
         "disarm answer",
-        |mut c| async move {
-            c.disarm(req)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| status_error(node, s))
-        },
+        Via::Fresh,
+        req,
+        |mut c, r| async move { c.disarm(r).await },
     )
     .await
 }
@@ -320,18 +425,24 @@ pub async fn arm_state(
     tls: &ClientTls,
     deadlines: &Deadlines,
 ) -> Result<pb::ArmState, CallError> {
-    with_client(
+    arm_state_via(node, tls, deadlines, Via::Fresh).await
+}
+
+/// The same, over `via`.
+pub async fn arm_state_via(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    via: Via<'_>,
+) -> Result<pb::ArmState, CallError> {
+    unary(
         node,
         tls,
         deadlines,
-        deadlines.report,
         "arm state",
-        |mut c| async move {
-            c.get_arm_state(pb::ArmStateRequest {})
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| status_error(node, s))
-        },
+        via,
+        pb::ArmStateRequest {},
+        |mut c, r| async move { c.get_arm_state(r).await },
     )
     .await
 }
@@ -343,18 +454,14 @@ pub async fn dial_from_node(
     deadlines: &Deadlines,
     req: pb::DialRequest,
 ) -> Result<pb::DialResult, CallError> {
-    with_client(
+    unary(
         node,
         tls,
         deadlines,
-        deadlines.report,
         "dial result",
-        |mut c| async move {
-            c.dial_from_node(req)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| status_error(node, s))
-        },
+        Via::Fresh,
+        req,
+        |mut c, r| async move { c.dial_from_node(r).await },
     )
     .await
 }
@@ -367,18 +474,15 @@ pub async fn remediate(
     deadlines: &Deadlines,
     apply: bool,
 ) -> Result<pb::RemediateResult, CallError> {
-    with_client(
+    let req = pb::RemediateRequest { apply };
+    unary(
         node,
         tls,
         deadlines,
-        deadlines.report,
         "remediation result",
-        |mut c| async move {
-            c.remediate(pb::RemediateRequest { apply })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| status_error(node, s))
-        },
+        Via::Fresh,
+        req,
+        |mut c, r| async move { c.remediate(r).await },
     )
     .await
 }
@@ -390,18 +494,15 @@ pub async fn plan_cleanup(
     deadlines: &Deadlines,
     force: bool,
 ) -> Result<pb::CleanupPlan, CallError> {
-    with_client(
+    let req = pb::CleanupRequest { force };
+    unary(
         node,
         tls,
         deadlines,
-        deadlines.report,
         "cleanup plan",
-        |mut c| async move {
-            c.plan_cleanup(pb::CleanupRequest { force })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| status_error(node, s))
-        },
+        Via::Fresh,
+        req,
+        |mut c, r| async move { c.plan_cleanup(r).await },
     )
     .await
 }
@@ -421,6 +522,7 @@ pub async fn apply_cleanup(
         deadlines,
         deadlines.cleanup,
         "finished cleanup",
+        Via::Fresh,
         |mut c| async move {
             let mut stream = c
                 .apply_cleanup(pb::CleanupRequest { force })

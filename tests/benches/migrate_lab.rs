@@ -9,9 +9,19 @@
 //! - resume after SIGKILL: a run killed right after a worker's Deploy, started
 //!   again — from its start to its first step event; budget 1 s.
 //!
-//! Run (as root): `cargo build -p cnishift-lab -p cnishift -p cnishift-agent &&
-//! cargo bench -p cnishift-lab --bench migrate_lab --profile dev`; the debug
-//! binaries are the ones beside the bench. Exits 1 when a budget is missed.
+//! Run (as root) with the release binaries, the ones the budget is about:
+//!
+//! ```sh
+//! cargo build --release -p cnishift -p cnishift-agent -p cnishift-lab
+//! CNISHIFT_BIN=$PWD/target/release/cnishift CNISHIFT_AGENT_BIN=$PWD/target/release/cnishift-agent \
+//!   CNISHIFT_LAB_BIN=$PWD/target/release/cnishift-lab \
+//!   cargo bench -p cnishift-lab --bench migrate_lab --profile dev
+//! ```
+//!
+//! (the bench itself only drives and times them, so it is built in the dev
+//! profile; without the three variables it uses the binaries beside it, the
+//! debug ones). It prints which binaries it ran. Exits 1 when a budget is
+//! missed.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -51,6 +61,14 @@ fn main() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("migrate_lab: needs root (network namespaces)");
         std::process::exit(2);
+    }
+    for (what, var) in [
+        ("cnishift", "CNISHIFT_BIN"),
+        ("cnishift-agent", "CNISHIFT_AGENT_BIN"),
+        ("cnishift-lab", "CNISHIFT_LAB_BIN"),
+    ] {
+        let p = cnishift_lab::cluster::binary(what, var).expect(what);
+        println!("binary {what}: {}", p.display());
     }
     // 1. The seed cluster, end to end.
     let lab = Up::seed(&[]);

@@ -57,6 +57,33 @@ impl Up {
             up_output: text(&out),
         }
     }
+    /// `cnishift-lab rehearse -i INVENTORY --dir TMP/lab --keep ARGS`: the
+    /// rehearsal's output, and its kept lab (`down` on drop).
+    pub fn rehearse(inventory: &str, args: &[&str]) -> (Up, Output) {
+        let tmp = tempfile::Builder::new()
+            .prefix("cnishift-rehearse-")
+            .tempdir()
+            .unwrap();
+        let inv = tmp.path().join("inventory.toml");
+        std::fs::write(&inv, inventory).unwrap();
+        let dir = tmp.path().join("lab");
+        let out = Command::new(lab_bin())
+            .arg("rehearse")
+            .arg("-i")
+            .arg(&inv)
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--keep")
+            .args(args)
+            .output()
+            .unwrap();
+        let up = Up {
+            _tmp: tmp,
+            dir,
+            up_output: String::new(),
+        };
+        (up, out)
+    }
     pub fn seed(extra: &[&str]) -> Up {
         let inv = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/avalanche.toml"),
@@ -93,6 +120,42 @@ impl Up {
             .output()
             .unwrap()
     }
+    /// `cnishift SUBCOMMAND -i DIR/cluster.toml --kubeconfig DIR/kubeconfig
+    /// --state-dir STATE`, as an admin would type it (no environment).
+    pub fn cnishift_cmd(&self, subcommand: &str, state: &Path) -> Command {
+        let mut c = Command::new(cnishift_bin());
+        c.arg(subcommand)
+            .arg("-i")
+            .arg(self.cluster_toml())
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .arg("--state-dir")
+            .arg(state)
+            .env_remove("CNISHIFT_INVENTORY")
+            .env_remove("KUBECONFIG")
+            .env_remove("CNISHIFT_TEST_KILL_AFTER_RECORDS");
+        c
+    }
+    /// What kubectl says of a node: (cordoned, the value of label `key`).
+    pub fn node_state(&self, node: &str, key: &str) -> (bool, Option<String>) {
+        let v: Value =
+            serde_json::from_str(&self.kubectl_ok(&["get", "node", node, "-o", "json"])).unwrap();
+        (
+            v["spec"]["unschedulable"].as_bool().unwrap_or(false),
+            v["metadata"]["labels"][key].as_str().map(str::to_string),
+        )
+    }
+    /// The inventory's node names, in inventory order.
+    pub fn node_names(&self) -> Vec<String> {
+        let t: toml::Table =
+            toml::from_str(&std::fs::read_to_string(self.cluster_toml()).unwrap()).unwrap();
+        t["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["name"].as_str().unwrap().to_string())
+            .collect()
+    }
     pub fn lab(&self, args: &[&str]) -> Output {
         let mut c = Command::new(lab_bin());
         c.arg(args[0]).arg("--dir").arg(&self.dir).args(&args[1..]);
@@ -115,6 +178,11 @@ impl Up {
     pub fn preflight(&self) -> Value {
         let o = self.cnishift(&["preflight", "-o", "json"]);
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)))
+    }
+    /// How many times the lab's hook `verb` ("deploy", "rollback") ran for
+    /// each node, from `DIR/logs/hooks.log`.
+    pub fn hook_runs(&self, verb: &str) -> std::collections::BTreeMap<String, usize> {
+        hook_runs(&self.dir, verb)
     }
     pub fn record(&self) -> Value {
         serde_json::from_str(&std::fs::read_to_string(self.dir.join("lab.json")).unwrap()).unwrap()
@@ -167,6 +235,92 @@ impl Drop for Up {
             .arg(&self.dir)
             .output();
     }
+}
+
+/// How many times the lab in `dir` ran its hook `verb` for each node
+/// (`DIR/logs/hooks.log`: `<unix ms> <verb> <node> <outcome>` per run).
+pub fn hook_runs(dir: &Path, verb: &str) -> std::collections::BTreeMap<String, usize> {
+    let text = std::fs::read_to_string(dir.join("logs").join(crate::supervisor::HOOK_LOG))
+        .unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    for l in text.lines() {
+        let mut f = l.split_whitespace().skip(1);
+        if let (Some(v), Some(node)) = (f.next(), f.next()) {
+            if v == verb {
+                *out.entry(node.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The records of a `cnishift migrate` journal (`STATE/journal.jsonl`), each
+/// line's `rec`, in order. A torn last line (no newline) is left out, as
+/// `migrate` itself drops it.
+pub fn journal(state: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(state.join("journal.jsonl")).unwrap_or_default();
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            v["rec"].clone()
+        })
+        .collect()
+}
+
+/// A journal record as a kill point: `header`, `intent ctl-a deploy`,
+/// `done w-1 confirm`, `intent cluster cleanup`.
+pub fn boundary(rec: &Value) -> String {
+    let kind = rec["type"].as_str().unwrap_or("?");
+    if kind == "header" {
+        return kind.into();
+    }
+    format!(
+        "{kind} {} {}",
+        rec["node"].as_str().unwrap_or("cluster"),
+        rec["step"].as_str().unwrap_or("?")
+    )
+}
+
+/// Every record a clean, uninterrupted `migrate` of this inventory writes,
+/// as [`boundary`] names them, from `cnishift plan -o json`: the header, an
+/// intent and a done per step per node in plan order, then the cluster steps.
+pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
+    let o = Command::new(cnishift_bin())
+        .args(["plan", "-o", "json", "-i"])
+        .arg(cluster_toml)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cnishift plan: {}", text(&o));
+    let p: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let steps: Vec<&str> = p["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    let mut out = vec!["header".to_string()];
+    for wave in p["waves"].as_array().unwrap() {
+        let nodes: Vec<&str> = wave["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["name"].as_str().unwrap())
+            .collect();
+        for step in &steps {
+            for kind in ["intent", "done"] {
+                for n in &nodes {
+                    out.push(format!("{kind} {n} {step}"));
+                }
+            }
+        }
+    }
+    for step in p["after"].as_array().unwrap() {
+        for kind in ["intent", "done"] {
+            out.push(format!("{kind} cluster {}", step.as_str().unwrap()));
+        }
+    }
+    out
 }
 
 pub fn report_node<'a>(r: &'a Value, name: &str) -> &'a Value {

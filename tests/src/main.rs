@@ -19,6 +19,7 @@ listens there on port 6443. Then, from this machine:\n\
   cnishift preflight -i DIR/cluster.toml\n\
   kubectl --kubeconfig DIR/kubeconfig get nodes,pods -A\n\
   cnishift cluster check -i DIR/cluster.toml --kubeconfig DIR/kubeconfig\n\
+Every deploy and rollback the lab's hooks run is one line of DIR/logs/hooks.log.\n\
 `cnishift-lab down --dir DIR` removes it all.";
 
 const FAULT_HELP: &str = "Kinds: hook-fails (deploy exits 1), hook-hangs (deploy never returns), never-ready (the node\n\

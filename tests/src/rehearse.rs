@@ -25,7 +25,12 @@ pub struct NodeSummary {
     pub role: String,
     /// Step → milliseconds, in the order they ran.
     pub steps: Vec<(String, u64)>,
+    /// The steps' own times, added up.
     pub total_ms: u64,
+    /// From the node's first step starting to its last outcome, as the
+    /// rehearsal saw the events: the steps plus what the coordinator did
+    /// between them (boundary checks, journal, Events).
+    pub wall_ms: u64,
     /// "migrated", or "failed at STEP: cause", or "not started".
     pub outcome: String,
 }
@@ -180,6 +185,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Summary> {
             let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut v);
             v
         });
+        let mut spans: BTreeMap<String, (Instant, Instant)> = BTreeMap::new();
         for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
             let line = line?;
             let Ok(e) = serde_json::from_str::<serde_json::Value>(&line) else {
@@ -193,7 +199,28 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Summary> {
                     let Some(n) = by_node.get_mut(node) else {
                         continue;
                     };
+                    if phase != "note" {
+                        let now = Instant::now();
+                        let span = spans.entry(node.to_string()).or_insert((now, now));
+                        span.1 = now;
+                        n.wall_ms = ms(span.1.duration_since(span.0));
+                    }
                     match phase {
+                        // The dead-man rollback after a failure is reported
+                        // beside the failure, never instead of it.
+                        "started" if step == "rollback" => {
+                            progress(&format!("{node}: waiting for its agent's rollback"));
+                        }
+                        "done" | "failed" if step == "rollback" => {
+                            let said = e["detail"].as_str().unwrap_or("");
+                            n.steps.push((step.clone(), elapsed));
+                            n.total_ms += elapsed;
+                            n.outcome = if phase == "done" {
+                                format!("{}; rolled back by its agent", n.outcome)
+                            } else {
+                                format!("{}; its agent's rollback failed: {said}", n.outcome)
+                            };
+                        }
                         "started" => {
                             n.outcome = format!("in {step}");
                             progress(&format!("{node}: {step}"));
@@ -296,7 +323,7 @@ pub fn table(s: &Summary) -> String {
             "{:<12} {:<10} {:>6.1} s  {:<40} {}\n",
             n.node,
             n.role,
-            n.total_ms as f64 / 1000.0,
+            n.wall_ms as f64 / 1000.0,
             outcome,
             steps.join(" ")
         ));

@@ -193,11 +193,15 @@ fn clear_and_resume(lab: &Up, state: &Path, nodes: &[&str]) {
     }
 }
 
+/// `cnishift status -o json`'s arm state is structured; its table column a
+/// sentence (never a Rust Debug string).
 fn arm_state_is_rolled_back(node: &Value) -> bool {
-    let a = node["arm_state"].to_string().to_lowercase();
-    (a.contains("rolledback") || a.contains("rolled_back") || a.contains("rolled back"))
-        && !a.contains("ok: false")
-        && !a.contains("\"ok\":false")
+    node["arm_state"]["state"] == "rolled-back" && node["arm_state"]["ok"] == true
+}
+
+/// The Cilium pods kubectl sees on `node`.
+fn cilium_pods_on(lab: &Up, node: &str) -> usize {
+    lab.cilium_pod("kube-system", node).lines().count()
 }
 
 #[test]
@@ -249,14 +253,22 @@ fn unconfirmed_worker_is_rolled_back_by_its_agent_and_a_resume_finishes() {
         "{}",
         run.stderr
     );
+    // The truth after the rollback: ctl-a already runs without Flannel, so
+    // w-1's k3s (an agent: it takes the backend from the servers) came back
+    // without it. Its label stays: Cilium is the only network it can have.
     assert!(
-        run.stderr
-            .contains("\n  w-1 was rolled back to Flannel by its agent: "),
+        run.stderr.contains("\n  w-1's agent rolled it back (")
+            && run.stderr.contains(
+                "but its k3s came back WITHOUT Flannel: the servers already run --flannel-backend=none, and a k3s agent takes the backend from them when it starts; its label cnishift.io/cni=cilium is kept, so Cilium"
+            )
+            && run.stderr.contains(
+                "; it stays cordoned; a resume migrates it again from its preflight (its being NotReady does not block that)\n"
+            ),
         "{}",
         run.stderr
     );
     assert!(
-        run.stderr.contains("; it stays cordoned\n"),
+        !run.stderr.contains("rolled back to Flannel"),
         "{}",
         run.stderr
     );
@@ -285,6 +297,12 @@ fn unconfirmed_worker_is_rolled_back_by_its_agent_and_a_resume_finishes() {
     assert_eq!(w1["journal"], format!("failed at {step}"), "{s:#}");
     assert_eq!(w1["live"]["cordoned"], true, "{s:#}");
     assert!(arm_state_is_rolled_back(w1), "{s:#}");
+    assert_eq!(w1["k3s"], "none", "{s:#}");
+    assert_eq!(w1["live"]["labelled"], true, "{s:#}");
+    assert!(
+        w1["arm"].as_str().unwrap().starts_with("rolled back: "),
+        "{s:#}"
+    );
     let w2 = status_node(&s, "w-2");
     assert_eq!(w2["journal"], "not started", "{s:#}");
     assert_eq!(w2["live"]["cordoned"], false, "{s:#}");
@@ -331,7 +349,22 @@ fn a_deploy_hook_failing_on_the_fourth_worker_halts_there_and_later_workers_are_
         "{}",
         run.stderr
     );
-    assert!(run.stderr.contains("it stays cordoned\n"), "{}", run.stderr);
+    // Its agent's rollback restarted its k3s, which took the servers'
+    // backend (none): the aftermath says so, and what comes next.
+    assert!(
+        run.stderr.contains("\n  w-4's agent rolled it back (")
+            && run.stderr.contains("but its k3s came back WITHOUT Flannel: the servers already run --flannel-backend=none")
+            && run.stderr.contains(
+                "it is not labelled cnishift.io/cni=cilium, so Cilium does not start there either: it has no pod network, and is NotReady, until it is migrated; it stays cordoned; a resume migrates it again from its preflight"
+            ),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("rolled back to Flannel"),
+        "{}",
+        run.stderr
+    );
     assert!(
         run.stderr.contains("\n  nothing further was started\n"),
         "{}",
@@ -357,10 +390,78 @@ fn a_deploy_hook_failing_on_the_fourth_worker_halts_there_and_later_workers_are_
     for n in ["ctl-a", "w-1", "w-2", "w-3"] {
         assert_eq!(status_node(&s, n)["journal"], "done", "{n}: {s:#}");
     }
-    // (A resume after clearing the fault does not finish yet: see the
-    // report — the dead-man rollback restarts w-4's k3s, which takes the
-    // servers' backend (none) and stays NotReady, and the resumed preflight's
-    // nodes.ready gate refuses.)
+    // No node but w-4 is left cordoned; cleared, the same command finishes.
+    for n in ["ctl-a", "w-1", "w-2", "w-3", "w-5"] {
+        assert!(!kube_node(&lab, n).0, "{n} is cordoned");
+    }
+    let w4 = status_node(&s, "w-4");
+    assert_eq!(w4["k3s"], "none", "{s:#}");
+    assert_eq!(w4["live"]["ready"], false, "{s:#}");
+    assert!(arm_state_is_rolled_back(w4), "{s:#}");
+    assert_eq!(s["next"], "w-4 preflight", "{s:#}");
+
+    // The resume goes on with w-4 although it is NotReady (it is the run's
+    // own halted node); no other node was NotReady.
+    clear_and_resume(&lab, &state, &["ctl-a", "w-1", "w-2", "w-3", "w-4", "w-5"]);
+}
+
+#[test]
+fn an_unconfirmed_controller_goes_back_to_flannel_and_loses_its_label() {
+    if !require_root("cnishift-lab up") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let lab = Up::new(
+        &inventory("mf-ctl-unconfirmed", 1),
+        &["--fault", "ctl-a:unconfirmed"],
+    );
+    let state = state_dir(&lab);
+    let run = migrate(&lab, &state);
+    assert_eq!(run.code, Some(1), "{}", run.all);
+    assert_eq!(run.halted()["node"], "ctl-a", "{}", run.all);
+    assert!(
+        run.of_node("ctl-a")
+            .any(|e| e["step"] == "label" && e["phase"] == "done"),
+        "{}",
+        run.all
+    );
+    // A server takes its backend from its own flags: the rollback brought
+    // Flannel back, and the label goes, so Cilium's DaemonSet leaves it.
+    assert!(
+        run.stderr.contains("\n  ctl-a was rolled back to Flannel by its agent: ")
+            && run.stderr.contains(
+                "; its k3s runs Flannel again; its label cnishift.io/cni is removed, so Cilium's DaemonSet leaves it; it stays cordoned; a resume migrates it again from its preflight\n"
+            ),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.of_node("ctl-a")
+            .any(|e| e["step"] == "unlabel" && e["phase"] == "done"),
+        "{}",
+        run.all
+    );
+    assert_eq!(
+        kube_node(&lab, "ctl-a"),
+        (true, None),
+        "cordoned, unlabelled"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cilium_pods_on(&lab, "ctl-a") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Cilium's pod stays on ctl-a, back on Flannel: {}",
+            lab.cilium_pod("kube-system", "ctl-a")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let s = status(&lab, &state);
+    let c = status_node(&s, "ctl-a");
+    assert_eq!(c["k3s"], "flannel", "{s:#}");
+    assert!(arm_state_is_rolled_back(c), "{s:#}");
+    assert_untouched(&lab, &run, "w-1");
+
+    clear_and_resume(&lab, &state, &["ctl-a", "w-1"]);
 }
 
 #[test]
@@ -378,13 +479,24 @@ fn a_worker_whose_k3s_restarts_early_without_flannel_halts_the_run_naming_it() {
     assert_eq!(run.code, Some(1), "{}", run.all);
 
     // The controller's switch restarted w-2's k3s without Flannel; the watch
-    // between steps sees it and halts, naming w-2, before any worker starts.
+    // between steps sees it and halts, naming w-2 and its own state (not the
+    // controller's next step), before any worker starts.
     let halted = run.halted();
-    assert_eq!(halted["node"], "w-2", "{halted}");
+    assert_eq!(
+        (&halted["node"], &halted["step"]),
+        (&"w-2".into(), &"watch".into()),
+        "{halted}"
+    );
     let first = run.stderr.lines().next().unwrap_or_default();
     assert!(
-        first.starts_with("cnishift: halted at w-2, step ")
-            && first.contains("worker w-2 came up without Flannel before its turn"),
+        first.starts_with("cnishift: halted at w-2, before its turn: worker w-2 came up without Flannel before its turn (its agent says so)"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(
+            "\n  w-2 is not started (not cordoned, not labelled): with no Flannel and no Cilium its pods have no network, and it is NotReady, until it is migrated; a resume migrates it first of the workers"
+        ),
         "{}",
         run.stderr
     );
@@ -393,28 +505,72 @@ fn a_worker_whose_k3s_restarts_early_without_flannel_halts_the_run_naming_it() {
         "{}",
         run.stderr
     );
+    // The controller in flight is left in a state the halt explains, and
+    // the run waited for it: confirmed if it had passed Verify, else rolled
+    // back by its agent (back on Flannel, label removed) — never left armed
+    // to roll back unreported after migrate exits.
+    let confirmed = run.stderr.contains(
+        "ctl-a had passed Verify, so it is confirmed on Cilium rather than left to roll back",
+    );
+    let rolled_back = run.stderr.contains(
+        "ctl-a was switched but not verified, so it is left to its agent's dead-man rollback: ctl-a was rolled back to Flannel by its agent: ",
+    ) && run
+        .stderr
+        .contains("its label cnishift.io/cni is removed, so Cilium's DaemonSet leaves it");
+    assert!(confirmed ^ rolled_back, "{}", run.stderr);
+    let s = status(&lab, &state);
+    let c = status_node(&s, "ctl-a");
+    if rolled_back {
+        assert!(arm_state_is_rolled_back(c), "{s:#}");
+        assert_eq!(kube_node(&lab, "ctl-a"), (true, None), "{s:#}");
+        assert_eq!(c["k3s"], "flannel", "{s:#}");
+    } else {
+        assert_eq!(c["arm_state"]["state"], "confirmed", "{s:#}");
+        assert_eq!(kube_node(&lab, "ctl-a"), (true, Some("cilium".into())));
+    }
     assert!(
         run.events
             .iter()
             .filter(|e| e["node"] == "w-1" || e["node"] == "w-2")
-            .all(|e| e["phase"] == "halted"),
+            .all(|e| e["phase"] == "halted" || e["step"] == "watch"),
         "a worker was started: {}",
         run.all
     );
-    assert_untouched(&lab, &run_without_halt(&run), "w-1");
-    assert_untouched(&lab, &run_without_halt(&run), "w-2");
-    let s = status(&lab, &state);
-    assert_eq!(status_node(&s, "w-2")["k3s"], "none", "{s:#}");
+    assert_untouched(&lab, &run_without_watch(&run), "w-1");
+    assert_untouched(&lab, &run_without_watch(&run), "w-2");
+    let w2 = status_node(&s, "w-2");
+    assert_eq!(w2["k3s"], "none", "{s:#}");
+    assert_eq!(w2["journal"], "no Flannel before its turn", "{s:#}");
     assert_eq!(status_node(&s, "w-1")["k3s"], "flannel", "{s:#}");
+
+    // The resume: the controller (again, if it was rolled back), then w-2
+    // first of the workers — NotReady, but the run's own halted node — then w-1.
+    let o = lab.lab(&["fault", "--clear"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let again = migrate(&lab, &state);
+    assert_eq!(again.code, Some(0), "resume:\n{}", again.all);
+    let at = |node: &str| {
+        again
+            .events
+            .iter()
+            .position(|e| e["node"] == node && e["step"] == "preflight")
+            .unwrap_or_else(|| panic!("{node} not migrated: {}", again.all))
+    };
+    assert!(at("w-2") < at("w-1"), "{}", again.all);
+    for n in ["ctl-a", "w-1", "w-2"] {
+        assert_migrated(&lab, n);
+    }
 }
 
-fn run_without_halt(run: &Run) -> Run {
+/// The run without its halt and the watch's own events (the worker was
+/// only watched, never started).
+fn run_without_watch(run: &Run) -> Run {
     Run {
         code: run.code,
         events: run
             .events
             .iter()
-            .filter(|e| e["phase"] != "halted")
+            .filter(|e| e["phase"] != "halted" && e["step"] != "watch")
             .cloned()
             .collect(),
         stderr: run.stderr.clone(),

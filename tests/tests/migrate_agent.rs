@@ -16,7 +16,7 @@ use cnishift::kube::Kube;
 use cnishift::migrate::journal::{Accept, Journal};
 use cnishift::migrate::live::{AgentClients, KubeCluster};
 use cnishift::migrate::run::{Ctx, Driver, Event, Options, Outcome};
-use cnishift::migrate::steps::{ArmState, Cause, NodeAgents};
+use cnishift::migrate::steps::{ArmState, Cause, K3sNetwork, NodeAgents};
 use cnishift_lab::apiserver::ApiServer;
 use cnishift_lab::loopback::{Agent, Pki};
 
@@ -48,8 +48,8 @@ impl NodeAgents for RealRollback<'_> {
     async fn dial(&self, _: &Node, _: SocketAddr) -> Result<(), Cause> {
         Ok(())
     }
-    async fn flannel_missing(&self, _: &Node) -> Result<bool, Cause> {
-        Ok(false)
+    async fn k3s_network(&self, _: &Node) -> Result<K3sNetwork, Cause> {
+        Ok(K3sNetwork::Flannel)
     }
     async fn leftovers(&self, _: &Node) -> Result<Vec<String>, Cause> {
         Ok(vec![])
@@ -131,10 +131,7 @@ fn migrate(deploy: &str) -> Run {
             guard: None,
             identity: "test".into(),
         };
-        let agents = RealRollback(AgentClients {
-            tls: &tls,
-            inv: &inv,
-        });
+        let agents = RealRollback(AgentClients::new(&tls, &inv));
         let mut j = Journal::open(state.path(), &inv, Accept::default(), "run-e2e-1").unwrap();
         let st = j.state();
         let mut sink = |_: &Event| {};

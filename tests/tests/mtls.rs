@@ -636,3 +636,88 @@ async fn a_slow_agent_is_reported_within_its_deadline() {
     );
     hold.abort();
 }
+
+/// A TCP relay in front of the agent that counts the connections made
+/// through it (the TLS is end to end: it sees only bytes).
+async fn counting_relay(to: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let to = to.clone();
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(&to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (addr, n)
+}
+
+/// The read-only questions a migration repeats share one connection per
+/// node (a pool); Arm and Confirm each get their own — the agent refuses a
+/// Confirm on the connection that armed — and the narrowed report is the
+/// k3s checks alone.
+#[tokio::test]
+async fn repeated_read_only_questions_share_a_connection_and_confirm_gets_its_own() {
+    let pki = Pki::new(&["n1"]).unwrap();
+    let agent = Agent::start(
+        pki.dir.path(),
+        "n1",
+        "n1",
+        &["--no-live-probes", "--rollback-command", "true"],
+    )
+    .unwrap();
+    let (relay, connections) = counting_relay(agent.address()).await;
+    let n = Node {
+        name: "n1".into(),
+        role: Role::Worker,
+        address: relay,
+    };
+    let tls = coordinator_tls(pki.dir.path());
+    let d = deadlines();
+    let pool = agents::Pool::default();
+    let count = || connections.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..4 {
+        let r = agents::get_report_via(
+            &n,
+            &tls,
+            &d,
+            pb::Expectation::Flannel,
+            &[pb::CheckFamily::K3s],
+            agents::Via::Reuse(&pool),
+        )
+        .await
+        .unwrap();
+        let ids: Vec<&str> = r.checks.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["k3s.flags", "k3s.network"]);
+        assert_eq!(r.families, [pb::CheckFamily::K3s as i32]);
+        agents::arm_state_via(&n, &tls, &d, agents::Via::Reuse(&pool))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        (count(), pool.open()),
+        (1, 1),
+        "8 questions, one connection"
+    );
+    agents::arm_rollback(&n, &tls, &d, "run-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let c = agents::confirm(&n, &tls, &d, "run-1").await.unwrap();
+    assert_eq!(c.outcome, "confirmed", "{c:?}");
+    assert_eq!(
+        count(),
+        3,
+        "arm and confirm each on a connection of its own"
+    );
+    // The pooled connection still serves.
+    agents::arm_state_via(&n, &tls, &d, agents::Via::Reuse(&pool))
+        .await
+        .unwrap();
+    assert_eq!(count(), 3);
+}

@@ -111,3 +111,59 @@ pub fn collect(host: &HostPaths, live: bool, wanted: &Wanted) -> Facts {
         }
     })
 }
+
+/// Which probe families a narrowed report needs (see
+/// [`crate::policy::Family`]); everything else is left empty.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Only {
+    /// The k3s process, unit and config files, and the CNI files
+    /// (containerd's generated config among them).
+    pub k3s: bool,
+    /// The netlink dump (live only).
+    pub network: bool,
+}
+
+/// Runs the probes `only` names and no other: no kernel config, BPF
+/// syscall, module, sysctl, iptables or Cilium-socket probe. The facts not
+/// probed are empty, and the caller must judge only the checks that read
+/// the probed ones ([`crate::policy::evaluate_families`]).
+pub fn collect_only(host: &HostPaths, live: bool, only: Only) -> Facts {
+    let not_asked = || "not asked for (a narrowed report)".to_string();
+    Facts {
+        kernel: Default::default(),
+        kernel_config: Default::default(),
+        bpf: bpf::BpfFacts {
+            syscall: bpf::SyscallState::Skipped(not_asked()),
+            programs: Default::default(),
+            maps: Default::default(),
+            jit: Default::default(),
+            mounts: Default::default(),
+        },
+        modules: Default::default(),
+        sysctls: Default::default(),
+        network: match (only.network, live) {
+            (true, true) => network::probe(),
+            (true, false) => network::NetworkFacts {
+                not_probed: Some("live probes disabled (--no-live-probes)".into()),
+                ..Default::default()
+            },
+            (false, _) => network::NetworkFacts {
+                not_probed: Some(not_asked()),
+                ..Default::default()
+            },
+        },
+        cni: if only.k3s {
+            cni_files::probe(host)
+        } else {
+            Default::default()
+        },
+        k3s: if only.k3s {
+            k3s::probe(host)
+        } else {
+            Default::default()
+        },
+        iptables: Default::default(),
+        resources: Default::default(),
+        cilium: Default::default(),
+    }
+}

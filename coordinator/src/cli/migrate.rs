@@ -13,7 +13,7 @@ use cnishift::migrate::journal::{self, Accept, Journal, State};
 use cnishift::migrate::live::{pause_value, AgentClients, KubeCluster};
 use cnishift::migrate::plan::{self, PlanOptions, Step};
 use cnishift::migrate::run::{self, Ctx, Driver, Event, Options, Outcome, Phase};
-use cnishift::migrate::steps::{ArmState, Cause, Cluster, Control, NodeAgents};
+use cnishift::migrate::steps::{ArmState, Cause, Cluster, Control, K3sNetwork, NodeAgents};
 
 use super::{
     connect, error, exit_for, interrupted, InventoryArg, KubeArgs, Output, EXIT_NOT_READY, EXIT_OK,
@@ -199,7 +199,7 @@ fn untouched() -> Cause {
 }
 
 impl Cluster for Untouched {
-    async fn gates(&self) -> Result<(), Cause> {
+    async fn gates(&self, _: &[String]) -> Result<(), Cause> {
         Err(untouched())
     }
     async fn cordon(&self, _: &str) -> Result<String, Cause> {
@@ -260,8 +260,8 @@ impl NodeAgents for Untouched {
     async fn dial(&self, _: &Node, _: std::net::SocketAddr) -> Result<(), Cause> {
         Err(untouched())
     }
-    async fn flannel_missing(&self, _: &Node) -> Result<bool, Cause> {
-        Ok(false)
+    async fn k3s_network(&self, _: &Node) -> Result<K3sNetwork, Cause> {
+        Ok(K3sNetwork::Flannel)
     }
     async fn cleanup(&self, _: &Node) -> Result<String, Cause> {
         Err(untouched())
@@ -460,7 +460,7 @@ pub fn run_migrate(args: MigrateArgs) -> ExitCode {
             guard: Some(&guard),
             identity: identity.clone(),
         };
-        let agents = AgentClients { tls: &tls, inv: &inv };
+        let agents = AgentClients::new(&tls, &inv);
         let mut sink = |e: &Event| display.show(e);
         let out = {
             let mut d = Driver {
@@ -544,7 +544,8 @@ pub fn run_pause(args: PauseArgs, pause: bool) -> ExitCode {
 
 /// What `migrate` would do next, from the journal.
 pub fn next_action(inv: &Inventory, state: &State) -> String {
-    let p = plan::plan(inv, PlanOptions::default());
+    let mut p = plan::plan(inv, PlanOptions::default());
+    plan::stranded_first(&mut p, &run::stranded(state), inv.migrate.max_unavailable);
     for w in &p.waves {
         for n in &w.nodes {
             let s = state.nodes.get(&n.name);
@@ -590,20 +591,12 @@ async fn kube_facts(kube: &Kube, inv: &Inventory, node: &str) -> serde_json::Val
     }
 }
 
-/// The network k3s runs on the node, from its agent's `k3s.network` check.
-async fn k3s_backend(node: &Node, tls: &ClientTls, inv: &Inventory) -> String {
-    let r = cnishift::agents::get_report_expecting(
-        node,
-        tls,
-        &inv.deadlines,
-        cnishift_proto::v1::Expectation::Unspecified,
-    )
-    .await;
-    let Ok(r) = r else { return "?".into() };
-    match r.checks.iter().find(|c| c.id == "k3s.network") {
-        Some(c) if c.message.contains("without Flannel") => "none".into(),
-        Some(c) if c.message.contains("runs Flannel") => "flannel".into(),
-        _ => "?".into(),
+/// The network k3s runs on the node, in its agent's words (`k3s.network`).
+fn k3s_word(n: &Result<K3sNetwork, Cause>) -> &'static str {
+    match n {
+        Ok(K3sNetwork::Flannel) => "flannel",
+        Ok(K3sNetwork::NoFlannel) => "none",
+        Ok(K3sNetwork::Unknown(_)) | Err(_) => "?",
     }
 }
 
@@ -635,6 +628,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
             Ok(k) => k,
             Err(c) => return c,
         };
+        let agents = tls.as_ref().map(|t| AgentClients::new(t, &inv));
         let mut rows = vec![];
         for n in &inv.nodes {
             let js = state.nodes.get(&n.name);
@@ -642,27 +636,44 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                 None => "not started".to_string(),
                 Some(s) if s.done.contains("done") => "done".into(),
                 Some(s) => match (&s.failed, &s.in_flight) {
+                    (Some((st, _)), _) if st == journal::WATCH => {
+                        "no Flannel before its turn".to_string()
+                    }
                     (Some((st, _)), _) => format!("failed at {st}"),
                     (None, Some(st)) => format!("in {st}"),
                     _ => format!("{} steps done", s.done.len()),
                 },
             };
-            let (arm, k3s) = match &tls {
-                None => ("unknown (no TLS files)".to_string(), "?".to_string()),
-                Some(t) => (
-                    match (AgentClients { tls: t, inv: &inv }).arm_state(n).await {
-                        Ok(a) => format!("{a:?}"),
-                        Err(e) => e,
-                    },
-                    k3s_backend(n, t, &inv).await,
-                ),
+            // The agent's dead-man state: a sentence for a person, its
+            // fields for automation (`{"state": "armed", "remaining_ms": ...}`,
+            // or `{"state": "unknown", "error": ...}` when it cannot be asked).
+            let (arm, arm_json, k3s) = match &agents {
+                None => {
+                    let e = "no TLS files: the agents cannot be asked".to_string();
+                    let j = serde_json::json!({"state": "unknown", "error": e});
+                    (format!("unknown ({e})"), j, "?")
+                }
+                Some(a) => {
+                    let (arm, arm_json) = match a.arm_state(n).await {
+                        Ok(s) => (
+                            s.to_string(),
+                            serde_json::to_value(&s).expect("arm state serializes"),
+                        ),
+                        Err(e) => (
+                            format!("unknown (cannot ask its agent: {e})"),
+                            serde_json::json!({"state": "unknown", "error": e}),
+                        ),
+                    };
+                    (arm, arm_json, k3s_word(&a.k3s_network(n).await))
+                }
             };
             rows.push(serde_json::json!({
                 "node": n.name,
                 "role": n.role,
                 "journal": journal_step,
                 "live": kube_facts(&kube, &inv, &n.name).await,
-                "arm_state": arm,
+                "arm": arm,
+                "arm_state": arm_json,
                 "k3s": k3s,
             }));
         }
@@ -687,7 +698,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                     println!("! {n}");
                 }
                 println!(
-                    "{:<12} {:<10} {:<22} {:<6} {:<9} {:<8} {:<7} {:<8} ARM",
+                    "{:<12} {:<10} {:<26} {:<6} {:<9} {:<8} {:<7} {:<8} ARM",
                     "NODE", "ROLE", "JOURNAL", "READY", "CORDONED", "LABEL", "CILIUM", "K3S"
                 );
                 for r in &rows {
@@ -698,7 +709,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                         None => "-",
                     };
                     println!(
-                        "{:<12} {:<10} {:<22} {:<6} {:<9} {:<8} {:<7} {:<8} {}",
+                        "{:<12} {:<10} {:<26} {:<6} {:<9} {:<8} {:<7} {:<8} {}",
                         r["node"].as_str().unwrap_or(""),
                         r["role"].as_str().unwrap_or(""),
                         r["journal"].as_str().unwrap_or(""),
@@ -707,7 +718,7 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
                         b(&live["labelled"]),
                         b(&live["cilium_pod_ready"]),
                         r["k3s"].as_str().unwrap_or("?"),
-                        r["arm_state"].as_str().unwrap_or("")
+                        r["arm"].as_str().unwrap_or("")
                     );
                 }
                 println!("next: {next}");
@@ -824,10 +835,7 @@ pub fn run_verify(args: VerifyArgs) -> ExitCode {
             Ok(k) => k,
             Err(c) => return c,
         };
-        let agents = AgentClients {
-            tls: &tls,
-            inv: &inv,
-        };
+        let agents = AgentClients::new(&tls, &inv);
         let checks =
             cnishift::migrate::live::verify_cluster(&inv, &kube, &agents, args.after_cleanup).await;
         match args.output {

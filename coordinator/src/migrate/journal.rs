@@ -23,6 +23,10 @@ use serde::{Deserialize, Serialize};
 use crate::inventory::Inventory;
 
 pub const FILE: &str = "journal.jsonl";
+/// The "step" of a worker the early-restart watch found without Flannel
+/// before its turn: journaled as that worker's failure, so a resume knows
+/// the run halted on it (and migrates it first of the workers).
+pub const WATCH: &str = "watch";
 
 /// One line's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,6 +212,11 @@ pub struct NodeState {
     pub rolled_back: Option<String>,
     /// The last step with a record, for status.
     pub last: Option<String>,
+    /// The early-restart watch halted the run on this worker (its agent's
+    /// words): it came up without Flannel before its turn. Kept once its
+    /// migration has begun, so that every later resume keeps it first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stranded: Option<String>,
 }
 
 /// Everything the journal says, folded.
@@ -238,6 +247,9 @@ impl State {
                     node, step, cause, ..
                 } => {
                     let n = s.entry(node.as_ref());
+                    if step == WATCH {
+                        n.stranded = Some(cause.clone());
+                    }
                     n.failed = Some((step.clone(), cause.clone()));
                     n.done.remove(step);
                     n.in_flight = None;
@@ -337,6 +349,38 @@ pub fn read(path: &Path) -> Result<Read, JournalError> {
     Ok(out)
 }
 
+/// The kill tests' hook, compiled only with the `test-hooks` feature (the
+/// tests' build; never `cargo build`/`cargo install`, and
+/// tests/tests/coordinator_hooks.rs checks that a build without it neither
+/// names nor obeys the variable). `CNISHIFT_TEST_KILL_AFTER_RECORDS=N`: the
+/// process SIGKILLs itself right after the Nth journal record it wrote (the
+/// header counts) is on disk, so a test can stop the coordinator exactly at a
+/// step boundary — after an intent, before its side effect; after an
+/// outcome, before the next step — and prove that the resumed run is right.
+/// Here, in the one write path, because a boundary *is* a durable record.
+mod test_hook {
+    #[cfg(feature = "test-hooks")]
+    pub fn record_durable() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static WRITTEN: AtomicU64 = AtomicU64::new(0);
+        let n = WRITTEN.fetch_add(1, Ordering::SeqCst) + 1;
+        let kill_at = std::env::var("CNISHIFT_TEST_KILL_AFTER_RECORDS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if kill_at == Some(n) {
+            // SAFETY: kill(2) of this very process; SIGKILL cannot be caught,
+            // so nothing after this line runs: exactly a `kill -9`.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+
+    #[cfg(not(feature = "test-hooks"))]
+    #[inline(always)]
+    pub fn record_durable() {}
+}
+
 fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
@@ -389,6 +433,7 @@ impl Journal {
             file.write_all(encode(&header).as_bytes()).map_err(io)?;
             file.sync_all().map_err(io)?;
             sync_dir(dir);
+            test_hook::record_durable();
             return Ok(Journal {
                 path,
                 file,
@@ -491,6 +536,7 @@ impl Journal {
         self.file.write_all(encode(&rec).as_bytes())?;
         self.file.sync_data()?;
         self.records.push(rec);
+        test_hook::record_durable();
         Ok(())
     }
 

@@ -15,7 +15,9 @@ use crate::kube::gates::Verdict;
 use crate::kube::lease::{self, LockGuard};
 use crate::kube::Kube;
 
-use super::steps::{node_step, ArmState, Cause, Cluster, Control, NodeAgents, NodeStep};
+use super::steps::{
+    node_step, ArmState, Cause, Cluster, Control, K3sNetwork, NodeAgents, NodeStep,
+};
 
 /// The Kubernetes API, with the migration Lease held.
 pub struct KubeCluster<'a> {
@@ -47,10 +49,14 @@ fn camel(step: &str) -> String {
 }
 
 impl Cluster for KubeCluster<'_> {
-    async fn gates(&self) -> Result<(), Cause> {
+    async fn gates(&self, unfinished: &[String]) -> Result<(), Cause> {
         let gates = self
             .kube
-            .cluster_gates(&self.inv.cluster.cilium_namespace, self.inv.cluster.api_vip)
+            .cluster_gates_except(
+                &self.inv.cluster.cilium_namespace,
+                self.inv.cluster.api_vip,
+                unfinished,
+            )
             .await;
         let failed: Vec<String> = gates
             .iter()
@@ -175,10 +181,24 @@ impl Cluster for KubeCluster<'_> {
     }
 }
 
-/// The agents, over mutual TLS.
+/// The agents, over mutual TLS: every read-only question over the node's
+/// pooled connection (asked between every two steps, it must be cheap),
+/// every changing call — ArmRollback, Confirm, Disarm, DialFromNode,
+/// cleanup — over a connection of its own.
 pub struct AgentClients<'a> {
     pub tls: &'a ClientTls,
     pub inv: &'a Inventory,
+    pub pool: agents::Pool,
+}
+
+impl<'a> AgentClients<'a> {
+    pub fn new(tls: &'a ClientTls, inv: &'a Inventory) -> Self {
+        AgentClients {
+            tls,
+            inv,
+            pool: agents::Pool::default(),
+        }
+    }
 }
 
 /// The failing checks of a report, in the agent's words.
@@ -191,12 +211,34 @@ fn failing(r: &pb::NodeReport) -> String {
         .join("; ")
 }
 
+/// What k3s runs, from a report judged against the Flannel expectation:
+/// its `k3s.network` check passes on Flannel, fails without it, warns when
+/// the agent cannot tell. (The agent judges; this only reads the verdict.)
+pub fn k3s_network_of(r: &pb::NodeReport) -> K3sNetwork {
+    match r.checks.iter().find(|c| c.id == "k3s.network") {
+        None => K3sNetwork::Unknown("the agent's report has no k3s.network check".into()),
+        Some(c) if r.expect != pb::Expectation::Flannel as i32 => K3sNetwork::Unknown(format!(
+            "the agent judged k3s.network against another expectation: {}",
+            c.message
+        )),
+        Some(c) if c.verdict == pb::Verdict::Pass as i32 => K3sNetwork::Flannel,
+        Some(c) if c.verdict == pb::Verdict::Fail as i32 => K3sNetwork::NoFlannel,
+        Some(c) => K3sNetwork::Unknown(c.message.clone()),
+    }
+}
+
 /// The agent's dead-man state as the driver reads it.
 pub fn arm_state_of(s: &pb::ArmState) -> ArmState {
+    // The agent says "rolled back: X" / "the rollback FAILED: X"; the
+    // outcome is already the variant, so only X is kept.
+    let said = ["rolled back: ", "the rollback FAILED: "]
+        .iter()
+        .find_map(|p| s.message.strip_prefix(p))
+        .unwrap_or(&s.message);
     let message = if s.output_tail.is_empty() {
-        s.message.clone()
+        said.to_string()
     } else {
-        format!("{} ({})", s.message, s.output_tail.trim())
+        format!("{said} ({})", s.output_tail.trim())
     };
     match s.outcome.as_str() {
         "succeeded" => ArmState::RolledBack { ok: true, message },
@@ -211,10 +253,28 @@ pub fn arm_state_of(s: &pb::ArmState) -> ArmState {
 }
 
 impl AgentClients<'_> {
+    /// A full report: every probe, every verdict (Preflight, Verify).
     async fn report(&self, node: &Node, expect: pb::Expectation) -> Result<pb::NodeReport, Cause> {
-        agents::get_report_expecting(node, self.tls, &self.inv.deadlines, expect)
-            .await
-            .map_err(|e| e.to_string())
+        self.narrowed(node, expect, &[]).await
+    }
+
+    /// A report of `families` alone: only the probes they read run.
+    async fn narrowed(
+        &self,
+        node: &Node,
+        expect: pb::Expectation,
+        families: &[pb::CheckFamily],
+    ) -> Result<pb::NodeReport, Cause> {
+        agents::get_report_via(
+            node,
+            self.tls,
+            &self.inv.deadlines,
+            expect,
+            families,
+            agents::Via::Reuse(&self.pool),
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -255,10 +315,15 @@ impl NodeAgents for AgentClients<'_> {
     }
 
     async fn arm_state(&self, node: &Node) -> Result<ArmState, Cause> {
-        agents::arm_state(node, self.tls, &self.inv.deadlines)
-            .await
-            .map(|s| arm_state_of(&s))
-            .map_err(|e| e.to_string())
+        agents::arm_state_via(
+            node,
+            self.tls,
+            &self.inv.deadlines,
+            agents::Via::Reuse(&self.pool),
+        )
+        .await
+        .map(|s| arm_state_of(&s))
+        .map_err(|e| e.to_string())
     }
 
     async fn migrated(&self, node: &Node) -> Result<(), Cause> {
@@ -274,7 +339,13 @@ impl NodeAgents for AgentClients<'_> {
     }
 
     async fn pods_on_cni0(&self, node: &Node) -> Result<u32, Cause> {
-        let r = self.report(node, pb::Expectation::Cilium).await?;
+        let r = self
+            .narrowed(
+                node,
+                pb::Expectation::Cilium,
+                &[pb::CheckFamily::PodNetwork],
+            )
+            .await?;
         match r.checks.iter().find(|c| c.id == "cilium.pods") {
             None => Err("the agent's report has no cilium.pods check".into()),
             Some(c) if c.verdict != pb::Verdict::Fail as i32 => Ok(0),
@@ -303,11 +374,11 @@ impl NodeAgents for AgentClients<'_> {
         }
     }
 
-    async fn flannel_missing(&self, node: &Node) -> Result<bool, Cause> {
-        let r = self.report(node, pb::Expectation::Flannel).await?;
-        Ok(r.checks
-            .iter()
-            .any(|c| c.id == "k3s.network" && c.verdict == pb::Verdict::Fail as i32))
+    async fn k3s_network(&self, node: &Node) -> Result<K3sNetwork, Cause> {
+        let r = self
+            .narrowed(node, pb::Expectation::Flannel, &[pb::CheckFamily::K3s])
+            .await?;
+        Ok(k3s_network_of(&r))
     }
 
     async fn leftovers(&self, node: &Node) -> Result<Vec<String>, Cause> {
@@ -492,6 +563,14 @@ mod tests {
             arm_state_of(&s(false, "interrupted")),
             ArmState::RolledBack { ok: false, .. }
         ));
+        // The agent's own "rolled back: " is not said twice.
+        let said = pb::ArmState {
+            outcome: "succeeded".into(),
+            message: "rolled back: `nixos-rollback` exited 0".into(),
+            ..Default::default()
+        };
+        let read = arm_state_of(&said);
+        assert_eq!(read.to_string(), "rolled back: `nixos-rollback` exited 0");
         assert_eq!(arm_state_of(&s(true, "running")), ArmState::RollingBack);
         assert_eq!(arm_state_of(&s(false, "confirmed")), ArmState::Confirmed);
         assert_eq!(
@@ -501,6 +580,40 @@ mod tests {
             }
         );
         assert_eq!(arm_state_of(&s(false, "disarmed")), ArmState::Disarmed);
+    }
+
+    #[test]
+    fn what_k3s_runs_is_read_from_the_agents_verdict_under_the_flannel_expectation() {
+        use super::{k3s_network_of, pb, K3sNetwork};
+        let r = |expect: pb::Expectation, verdict: pb::Verdict| pb::NodeReport {
+            expect: expect as i32,
+            checks: vec![pb::Check {
+                id: "k3s.network".into(),
+                verdict: verdict as i32,
+                message: "k3s's containerd reads /etc/cni/net.d".into(),
+                remediation: None,
+            }],
+            ..Default::default()
+        };
+        use pb::{Expectation as E, Verdict as V};
+        assert_eq!(k3s_network_of(&r(E::Flannel, V::Pass)), K3sNetwork::Flannel);
+        assert_eq!(
+            k3s_network_of(&r(E::Flannel, V::Fail)),
+            K3sNetwork::NoFlannel
+        );
+        assert_eq!(
+            k3s_network_of(&r(E::Flannel, V::Warn)),
+            K3sNetwork::Unknown("k3s's containerd reads /etc/cni/net.d".into())
+        );
+        // A verdict judged against another expectation is not read as one.
+        assert!(matches!(
+            k3s_network_of(&r(E::Cilium, V::Pass)),
+            K3sNetwork::Unknown(_)
+        ));
+        assert!(matches!(
+            k3s_network_of(&pb::NodeReport::default()),
+            K3sNetwork::Unknown(_)
+        ));
     }
 
     #[test]

@@ -147,6 +147,34 @@ pub struct PlanOptions {
     pub no_auto_rollback: bool,
 }
 
+/// Moves `first` — workers the early-restart watch found without Flannel
+/// before their turn — to the head of the workers, in the same waves of
+/// `max_unavailable`. Such a worker has no pod network until it runs Cilium,
+/// so it goes as soon as the controllers are done; never before them, since
+/// a k3s agent takes its backend from the servers and can only be switched
+/// once they have been.
+pub fn stranded_first(p: &mut Plan, first: &[String], max_unavailable: usize) {
+    if first.is_empty() {
+        return;
+    }
+    let workers: Vec<Node> = p
+        .waves
+        .iter()
+        .filter(|w| w.role == Role::Worker)
+        .flat_map(|w| w.nodes.iter().cloned())
+        .collect();
+    let (mut ordered, rest): (Vec<Node>, Vec<Node>) =
+        workers.into_iter().partition(|n| first.contains(&n.name));
+    ordered.extend(rest);
+    p.waves.retain(|w| w.role != Role::Worker);
+    for chunk in ordered.chunks(max_unavailable.max(1)) {
+        p.waves.push(Wave {
+            role: Role::Worker,
+            nodes: chunk.to_vec(),
+        });
+    }
+}
+
 fn argv(t: &Option<crate::migrate::hooks::Template>) -> Option<String> {
     t.as_ref().map(|t| t.argv().join(" "))
 }
@@ -413,6 +441,28 @@ mod tests {
             },
         );
         assert_eq!(p.after, [ClusterStep::VerifyCluster]);
+    }
+
+    #[test]
+    fn stranded_workers_go_first_of_the_workers_never_before_the_controllers() {
+        let inv = inventory("[migrate]\nmax_unavailable = 2", 5);
+        let mut p = plan(&inv, PlanOptions::default());
+        stranded_first(&mut p, &["raccoon03".into()], 2);
+        let waves: Vec<Vec<&str>> = p
+            .waves
+            .iter()
+            .map(|w| w.nodes.iter().map(|n| n.name.as_str()).collect())
+            .collect();
+        assert_eq!(
+            waves,
+            vec![
+                vec!["opi01"],
+                vec!["opi02"],
+                vec!["raccoon03", "raccoon00"],
+                vec!["raccoon01", "raccoon02"],
+                vec!["raccoon04"]
+            ]
+        );
     }
 
     #[test]

@@ -15,8 +15,8 @@ use serde::Serialize;
 
 use super::hooks::{self, Vars};
 use super::journal::{self, Journal, Record, State};
-use super::plan::{plan, ClusterStep, PlanOptions, Step};
-use super::steps::{ArmState, Cause, Cluster, Control, NodeAgents};
+use super::plan::{plan, stranded_first, ClusterStep, PlanOptions, Step};
+use super::steps::{ArmState, Cause, Cluster, Control, K3sNetwork, NodeAgents};
 use crate::inventory::{Inventory, Node, Role};
 
 #[derive(Debug, Clone)]
@@ -81,6 +81,9 @@ pub struct Halt {
 impl fmt::Display for Halt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.node {
+            Some(n) if self.step == journal::WATCH => {
+                writeln!(f, "halted at {n}, before its turn: {}", self.cause)?
+            }
             Some(n) => writeln!(f, "halted at {n}, step {}: {}", self.step, self.cause)?,
             None => writeln!(f, "halted at step {}: {}", self.step, self.cause)?,
         }
@@ -156,13 +159,20 @@ impl<C: Cluster, A: NodeAgents> Ctx<'_, C, A> {
     }
 
     /// One step on one node; idempotent, so a resumed run may do it again.
-    pub async fn step(&self, node: &Node, step: Step) -> Result<String, Cause> {
+    /// `unfinished`: the run's own started, unfinished nodes (the gates
+    /// excuse their being NotReady).
+    pub async fn step(
+        &self,
+        node: &Node,
+        step: Step,
+        unfinished: &[String],
+    ) -> Result<String, Cause> {
         let d = &self.inv.deadlines;
         let name = node.name.as_str();
         match step {
             Step::Preflight => {
                 self.agents.preflight(node).await?;
-                self.cluster.gates().await?;
+                self.cluster.gates(unfinished).await?;
                 Ok("the agent's report is ready and the cluster gates pass".into())
             }
             Step::Cordon => self.cluster.cordon(name).await,
@@ -264,6 +274,67 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
         }
     }
 
+    /// A step's outcome, always in this order: its journal record (fsync'd),
+    /// then its event, then the Event on the Node (node steps only). The
+    /// record comes first because whoever sees "done" — the `-o json` reader,
+    /// `kubectl describe node` — may kill us, and a resumed run must never
+    /// redo a step that was reported done (a second Deploy). Err: the record
+    /// could not be written; a done that is not durable is not announced.
+    async fn finish(
+        &mut self,
+        node: Option<&Node>,
+        step: &str,
+        result: &Result<String, Cause>,
+        elapsed: Duration,
+        deadline: Option<Duration>,
+    ) -> Result<(), Cause> {
+        let name = node.map(|n| n.name.clone());
+        let (rec, phase, detail, ok) = match result {
+            Ok(d) => (
+                Record::Done {
+                    node: name.clone(),
+                    step: step.into(),
+                    time: journal::now(),
+                    detail: d.clone(),
+                },
+                Phase::Done,
+                d.clone(),
+                true,
+            ),
+            Err(c) => (
+                Record::Failed {
+                    node: name.clone(),
+                    step: step.into(),
+                    time: journal::now(),
+                    cause: c.clone(),
+                },
+                Phase::Failed,
+                c.clone(),
+                false,
+            ),
+        };
+        let written = self.write(rec);
+        if ok && written.is_err() {
+            return written;
+        }
+        self.emit(
+            name.as_deref(),
+            step,
+            phase,
+            elapsed,
+            deadline,
+            detail.clone(),
+        );
+        if let Some(n) = node {
+            let suffix = if ok { "done" } else { "failed" };
+            self.ctx
+                .cluster
+                .record(&n.name, &format!("{step}-{suffix}"), ok, &detail)
+                .await;
+        }
+        written
+    }
+
     fn halt(&self, node: Option<&Node>, step: &str, cause: String, aftermath: String) -> Outcome {
         Outcome::Halted(Halt {
             node: node.map(|n| n.name.clone()),
@@ -275,9 +346,8 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
         })
     }
 
-    /// Between two steps: the Lease (lost → halt; paused → wait) and the
-    /// watch on workers not yet migrated.
-    async fn boundary(&mut self, next: &str, waiting: &[Node]) -> Result<(), Outcome> {
+    /// Between two steps: the Lease (lost → halt; paused → wait).
+    async fn boundary(&mut self, next: &str) -> Result<(), Outcome> {
         if self.ctx.opts.dry_run {
             return Ok(());
         }
@@ -327,40 +397,204 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                 "resumed".into(),
             );
         }
-        // Asked at once: one slow agent costs its own deadline, not the sum.
+        Ok(())
+    }
+
+    /// The early-restart watch, between two steps: the first worker of
+    /// `waiting` whose agent says its k3s runs without Flannel, with the
+    /// agent's words. Every worker is asked at once (one slow agent costs its
+    /// own deadline, not the sum), with the narrowed `k3s` report over the
+    /// node's pooled connection: a few file reads on the node, no handshake.
+    async fn watch(&mut self, waiting: &[Node]) -> Option<Node> {
+        if self.ctx.opts.dry_run {
+            return None;
+        }
         let workers: Vec<&Node> = waiting.iter().filter(|n| n.role == Role::Worker).collect();
         let answers = {
             let agents = self.ctx.agents;
-            futures::future::join_all(workers.iter().map(|w| agents.flannel_missing(w))).await
+            futures::future::join_all(workers.iter().map(|w| agents.k3s_network(w))).await
         };
         for (w, answer) in workers.into_iter().zip(answers) {
             match answer {
-                Ok(false) => {}
-                Ok(true) => {
-                    let cause = format!(
-                        "worker {} came up without Flannel before its turn (its agent says so): its k3s restarted while the servers disagreed on the backend",
-                        w.name
-                    );
-                    return Err(Outcome::Halted(Halt {
-                        node: Some(w.name.clone()),
-                        step: next.to_string(),
-                        cause,
-                        aftermath: format!("migrate it next: its pods have no network until it runs Cilium ({} {} rolls it back)", self.ctx.opts.rollback_command, w.name),
-                        resume: self.ctx.opts.resume_command.clone(),
-                        rollback: Some(format!("{} {}", self.ctx.opts.rollback_command, w.name)),
-                    }));
-                }
-                Err(e) => self.emit(
+                Ok(K3sNetwork::Flannel) => {}
+                Ok(K3sNetwork::NoFlannel) => return Some(w.clone()),
+                Ok(K3sNetwork::Unknown(e)) | Err(e) => self.emit(
                     Some(&w.name),
-                    "watch",
+                    journal::WATCH,
                     Phase::Note,
                     Duration::ZERO,
                     None,
-                    format!("could not ask whether it still runs Flannel: {e}"),
+                    format!("could not tell whether it still runs Flannel: {e}"),
                 ),
             }
         }
-        Ok(())
+        None
+    }
+
+    /// The watch found `w` without Flannel before its turn, between two steps
+    /// of `wave` (`next` is the wave's next step). The halt names `w` and what
+    /// it is now, journals it (so a resume migrates it first of the workers,
+    /// its NotReady excused by the gates, and the watch no longer halts on
+    /// it), and settles every node of the wave in flight (see [`Self::settle`]).
+    async fn halt_stranded(&mut self, w: &Node, wave: &[Node], next: Step) -> Outcome {
+        let cause = format!(
+            "worker {} came up without Flannel before its turn (its agent says so): its k3s restarted while the servers disagreed on the backend, and a k3s agent takes the backend from the server that answers when it starts",
+            w.name
+        );
+        let mut said = cause.clone();
+        if let Err(e) = self
+            .finish(
+                Some(w),
+                journal::WATCH,
+                &Err(cause.clone()),
+                Duration::ZERO,
+                None,
+            )
+            .await
+        {
+            said.push_str(&format!(" ({e})"));
+        }
+        let mut parts = vec![format!(
+            "{} is not started (not cordoned, not labelled): with no Flannel and no Cilium its pods have no network, and it is NotReady, until it is migrated; a resume migrates it first of the workers, right after the controllers (its being NotReady does not block that resume)",
+            w.name
+        )];
+        let why = format!("{} came up without Flannel before its turn", w.name);
+        for n in wave {
+            if let Some(s) = self.settle(n, next, &why).await {
+                parts.push(s);
+            }
+        }
+        Outcome::Halted(Halt {
+            node: Some(w.name.clone()),
+            step: journal::WATCH.to_string(),
+            cause: said,
+            aftermath: parts.join("; "),
+            resume: self.ctx.opts.resume_command.clone(),
+            rollback: Some(format!("{} {}", self.ctx.opts.rollback_command, w.name)),
+        })
+    }
+
+    /// What becomes of `n`, a node of the wave in flight, when the run halts
+    /// before its step `next` because of another node. Chosen for safety,
+    /// by how far `n` got:
+    /// - not yet armed, or already confirmed: nothing can roll it back, and
+    ///   it is left as it is (cordoned if it was);
+    /// - armed but not deployed: it was never switched, so it is disarmed
+    ///   (a dead-man rollback would run a needless switch back to the
+    ///   generation it already runs, restarting its k3s);
+    /// - deployed and verified (only Confirm left): it is confirmed now, over
+    ///   a new connection as always. The agent has already judged it
+    ///   migrated; rolling it back would gain nothing and, for a server,
+    ///   would switch the servers' backend once more — the very event that
+    ///   strands workers without Flannel;
+    /// - deployed, not verified: nothing vouches for it, and nothing further
+    ///   starts after a halt, so it is left to its agent's dead-man
+    ///   rollback, which the run waits for and reports, as after any failure
+    ///   past Deploy (or disarmed for a person under --no-auto-rollback).
+    async fn settle(&mut self, n: &Node, next: Step, why: &str) -> Option<String> {
+        let did = |s: Step| self.done(n, s.name());
+        if !did(Step::Preflight) || did(Step::Done) {
+            return None;
+        }
+        if !did(Step::Cordon) {
+            return Some(format!(
+                "{} had only passed its preflight: it is untouched",
+                n.name
+            ));
+        }
+        if !did(Step::ArmRollback) {
+            return Some(format!("{} stays cordoned; it was not switched", n.name));
+        }
+        if did(Step::Confirm) {
+            return Some(format!(
+                "{} is migrated and confirmed; it stays cordoned until the resume uncordons it",
+                n.name
+            ));
+        }
+        let run = self.ctx.run.clone();
+        if !did(Step::Deploy) {
+            return Some(match self.ctx.agents.disarm(n, &run).await {
+                Ok(()) => {
+                    let cause = format!("disarmed: the run halted before its deploy ({why})");
+                    let _ = self.write(Record::Failed {
+                        node: Some(n.name.clone()),
+                        step: Step::ArmRollback.name().into(),
+                        time: journal::now(),
+                        cause: cause.clone(),
+                    });
+                    self.emit(
+                        Some(&n.name),
+                        Step::ArmRollback.name(),
+                        Phase::Note,
+                        Duration::ZERO,
+                        None,
+                        cause,
+                    );
+                    format!(
+                        "{} was armed but never switched: it is disarmed and stays cordoned",
+                        n.name
+                    )
+                }
+                Err(e) => format!(
+                    "{} was armed but never switched, and disarming it failed ({e}): its agent rolls it back at its deadline; it stays cordoned",
+                    n.name
+                ),
+            });
+        }
+        if did(Step::Verify) {
+            match self.ctx.agents.confirm(n, &run).await {
+                Ok(()) => {
+                    let detail = format!(
+                        "confirmed: the agent will not roll the node back (it had passed Verify when the run halted: {why})"
+                    );
+                    let _ = self
+                        .finish(
+                            Some(n),
+                            Step::Confirm.name(),
+                            &Ok(detail),
+                            Duration::ZERO,
+                            None,
+                        )
+                        .await;
+                    self.state
+                        .nodes
+                        .entry(n.name.clone())
+                        .or_default()
+                        .done
+                        .insert(Step::Confirm.name().into());
+                    return Some(format!(
+                        "{} had passed Verify, so it is confirmed on Cilium rather than left to roll back (a rollback would switch it — and, for a server, the servers' backend — once more); it stays cordoned until the resume uncordons it",
+                        n.name
+                    ));
+                }
+                Err(e) => {
+                    let cause = format!("confirming it after the halt failed: {e}");
+                    let _ = self
+                        .finish(
+                            Some(n),
+                            Step::Confirm.name(),
+                            &Err(cause),
+                            Duration::ZERO,
+                            None,
+                        )
+                        .await;
+                    let after = self.aftermath(n, Step::Confirm).await;
+                    return Some(format!(
+                        "{} had passed Verify but could not be confirmed ({e}): {after}",
+                        n.name
+                    ));
+                }
+            }
+        }
+        let cause = format!("not started: the run halted ({why})");
+        let _ = self
+            .finish(Some(n), next.name(), &Err(cause), Duration::ZERO, None)
+            .await;
+        let after = self.aftermath(n, next).await;
+        Some(format!(
+            "{} was switched but not verified, so it is left to its agent's dead-man rollback: {after}",
+            n.name
+        ))
     }
 
     /// What became of a node that failed at `step`.
@@ -387,6 +621,9 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                 ),
             };
         }
+        // Whether it carries the migration label, before the rolled-back
+        // record folds its steps away.
+        let labelled = self.done(node, Step::Label.name());
         // The agent rolls back at its deadline; wait for that, bounded.
         let started = Instant::now();
         let mut limit = self.ctx.inv.deadlines.rollback;
@@ -413,12 +650,9 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                         Phase::Done,
                         started.elapsed(),
                         Some(limit),
-                        message.clone(),
+                        format!("rolled back by its agent: {message}"),
                     );
-                    return format!(
-                        "{} was rolled back to Flannel by its agent: {message}; it stays cordoned",
-                        node.name
-                    );
+                    return self.after_rollback(node, &message, labelled).await;
                 }
                 Ok(ArmState::RolledBack { ok: false, message }) => {
                     self.emit(
@@ -472,6 +706,73 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
         }
     }
 
+    /// After a dead-man rollback: what the node's k3s runs now, in its
+    /// agent's words — a rollback restores the node's own configuration,
+    /// but a k3s *agent* takes the Flannel backend from the servers when it
+    /// starts, so a worker rolled back after a server has switched comes
+    /// back without Flannel.
+    ///
+    /// The migration label follows what the node runs, because the label's
+    /// one job (ARCHITECTURE.md, "why this order") is that no Cilium agent
+    /// ever runs beside Flannel:
+    /// - back on Flannel: the label is removed, so Cilium's DaemonSet leaves
+    ///   the node;
+    /// - without Flannel: a label already there is kept. No Flannel runs
+    ///   there for Cilium to run beside, and Cilium is then the only pod
+    ///   network the node can have: removing the label would leave it with
+    ///   none at all. A node not labelled yet is not labelled now either:
+    ///   the label goes on at its Label step, after a deploy that succeeded,
+    ///   which the resume gets to first.
+    async fn after_rollback(&mut self, node: &Node, message: &str, labelled: bool) -> String {
+        let n = &node.name;
+        let label = self.ctx.inv.cilium.node_label.clone();
+        let resume = "a resume migrates it again from its preflight";
+        match self.ctx.agents.k3s_network(node).await {
+            Ok(K3sNetwork::Flannel) => {
+                let label_part = match &label {
+                    None => String::new(),
+                    Some((k, _)) => {
+                        let d = self.ctx.inv.deadlines.api;
+                        let r = within(d, Duration::ZERO, "unlabel", self.ctx.cluster.unlabel(n, k))
+                            .await;
+                        let ok = r.is_ok();
+                        let note = match &r {
+                            Ok(_) => format!("label {k} removed: the node is back on Flannel"),
+                            Err(e) => format!("removing label {k} failed: {e}"),
+                        };
+                        self.emit(Some(n), "unlabel", if ok { Phase::Done } else { Phase::Failed }, Duration::ZERO, Some(d), note.clone());
+                        self.ctx.cluster.record(n, if ok { "unlabel-done" } else { "unlabel-failed" }, ok, &note).await;
+                        match r {
+                            Ok(_) if labelled => format!("; its label {k} is removed, so Cilium's DaemonSet leaves it"),
+                            Ok(_) => format!("; it carries no label {k}"),
+                            Err(e) => format!("; removing its label {k} FAILED ({e}): Cilium's DaemonSet may start beside Flannel there — remove it: kubectl label node {n} {k}-"),
+                        }
+                    }
+                };
+                format!("{n} was rolled back to Flannel by its agent: {message}; its k3s runs Flannel again{label_part}; it stays cordoned; {resume}")
+            }
+            Ok(K3sNetwork::NoFlannel) => {
+                let why = match node.role {
+                    Role::Worker => "the servers already run --flannel-backend=none, and a k3s agent takes the backend from them when it starts",
+                    Role::Controller => "a k3s server runs what its own flags say: the rollback did not bring Flannel's flags back",
+                };
+                let label_part = match &label {
+                    None => "Cilium runs there if its DaemonSet selects the node".to_string(),
+                    Some((k, v)) if labelled => format!(
+                        "its label {k}={v} is kept, so Cilium — the only pod network it can have now — runs there (no Flannel runs beside it)"
+                    ),
+                    Some((k, v)) => format!(
+                        "it is not labelled {k}={v}, so Cilium does not start there either: it has no pod network, and is NotReady, until it is migrated"
+                    ),
+                };
+                format!("{n}'s agent rolled it back ({message}), but its k3s came back WITHOUT Flannel: {why}; {label_part}; it stays cordoned; {resume} (its being NotReady does not block that)")
+            }
+            Ok(K3sNetwork::Unknown(e)) | Err(e) => format!(
+                "{n} was rolled back by its agent ({message}), but whether its k3s runs Flannel now cannot be told ({e}); its label is left as it is; it stays cordoned; look at it (cnishift status) before resuming"
+            ),
+        }
+    }
+
     async fn cilium_install_once(&mut self, first: &Node) -> Result<(), Outcome> {
         let Some(t) = self.ctx.inv.hooks.cilium_install.clone() else {
             return Ok(());
@@ -516,44 +817,45 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
             String::new(),
         );
         let started = Instant::now();
-        match self.ctx.hook(&t, first, "cilium-install", deadline).await {
-            Ok(d) => {
-                self.write(Record::Done {
-                    node: None,
-                    step: "cilium-install".into(),
-                    time: journal::now(),
-                    detail: d.clone(),
-                })
-                .map_err(|e| self.halt(None, "cilium-install", e, String::new()))?;
-                self.emit(
-                    None,
-                    "cilium-install",
-                    Phase::Done,
-                    started.elapsed(),
-                    Some(deadline),
-                    d,
-                );
+        let r = self.ctx.hook(&t, first, "cilium-install", deadline).await;
+        let written = self
+            .finish(
+                None,
+                "cilium-install",
+                &r,
+                started.elapsed(),
+                Some(deadline),
+            )
+            .await;
+        match r {
+            Ok(_) => {
+                written.map_err(|e| self.halt(None, "cilium-install", e, String::new()))?;
                 self.state.cluster.done.insert("cilium-install".into());
                 Ok(())
             }
-            Err(cause) => {
-                self.emit(
-                    None,
-                    "cilium-install",
-                    Phase::Failed,
-                    started.elapsed(),
-                    Some(deadline),
-                    cause.clone(),
-                );
-                let _ = self.write(Record::Failed {
-                    node: None,
-                    step: "cilium-install".into(),
-                    time: journal::now(),
-                    cause: cause.clone(),
-                });
-                Err(self.halt(None, "cilium-install", cause, format!("{} stays cordoned, armed: its agent rolls it back unless the run resumes in time", first.name)))
-            }
+            Err(cause) => Err(self.halt(
+                None,
+                "cilium-install",
+                with_journal_error(cause, written),
+                format!(
+                    "{} stays cordoned, armed: its agent rolls it back unless the run resumes in time",
+                    first.name
+                ),
+            )),
         }
+    }
+
+    /// The run's own nodes that it has started and not finished (failed,
+    /// in flight, rolled back, or found without Flannel by the watch): the
+    /// gates do not hold their being NotReady against the run that is
+    /// about to migrate them.
+    fn unfinished(&self) -> Vec<String> {
+        self.state
+            .nodes
+            .iter()
+            .filter(|(_, s)| !s.done.contains(Step::Done.name()))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Runs `step` on `nodes` at once; the first failure (in inventory order) halts.
@@ -626,64 +928,27 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
             Step::Deploy | Step::Verify => HOOK_GRACE,
             _ => Duration::ZERO,
         };
+        let unfinished = self.unfinished();
         let started = Instant::now();
         let results = {
             let ctx = &self.ctx;
             futures::future::join_all(
                 nodes
                     .iter()
-                    .map(|n| within(deadline, grace, step.name(), ctx.step(n, step))),
+                    .map(|n| within(deadline, grace, step.name(), ctx.step(n, step, &unfinished))),
             )
             .await
         };
         let elapsed = started.elapsed();
         let mut first_failure = None;
         for (n, r) in nodes.iter().zip(results) {
+            let written = self
+                .finish(Some(n), step.name(), &r, elapsed, Some(deadline))
+                .await;
             match r {
-                Ok(detail) => {
-                    // The journal first: whoever sees "done" (the event, the
-                    // Node's Event) may kill us, and a resumed run must not
-                    // redo a step that was reported done.
-                    self.write(Record::Done {
-                        node: Some(n.name.clone()),
-                        step: step.name().into(),
-                        time: journal::now(),
-                        detail: detail.clone(),
-                    })
-                    .map_err(|e| self.halt(Some(n), step.name(), e, String::new()))?;
-                    self.emit(
-                        Some(&n.name),
-                        step.name(),
-                        Phase::Done,
-                        elapsed,
-                        Some(deadline),
-                        detail.clone(),
-                    );
-                    self.ctx
-                        .cluster
-                        .record(&n.name, &format!("{}-done", step.name()), true, &detail)
-                        .await;
-                }
+                Ok(_) => written.map_err(|e| self.halt(Some(n), step.name(), e, String::new()))?,
                 Err(cause) => {
-                    self.emit(
-                        Some(&n.name),
-                        step.name(),
-                        Phase::Failed,
-                        elapsed,
-                        Some(deadline),
-                        cause.clone(),
-                    );
-                    self.ctx
-                        .cluster
-                        .record(&n.name, &format!("{}-failed", step.name()), false, &cause)
-                        .await;
-                    let _ = self.write(Record::Failed {
-                        node: Some(n.name.clone()),
-                        step: step.name().into(),
-                        time: journal::now(),
-                        cause: cause.clone(),
-                    });
-                    first_failure.get_or_insert((n.clone(), cause));
+                    first_failure.get_or_insert((n.clone(), with_journal_error(cause, written)));
                 }
             }
         }
@@ -750,7 +1015,7 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
             );
             return Ok(());
         }
-        self.boundary(name, &[]).await?;
+        self.boundary(name).await?;
         self.write(Record::Intent {
             node: None,
             step: name.into(),
@@ -771,7 +1036,7 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
             within(deadline, Duration::ZERO, name, async {
                 match step {
                     ClusterStep::VerifyCluster => {
-                        ctx.cluster.gates().await?;
+                        ctx.cluster.gates(&[]).await?;
                         for n in &ctx.inv.nodes {
                             ctx.agents
                                 .migrated(n)
@@ -800,47 +1065,17 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
             })
             .await
         };
+        let written = self
+            .finish(None, name, &r, started.elapsed(), Some(deadline))
+            .await;
         match r {
-            Ok(detail) => {
-                self.write(Record::Done {
-                    node: None,
-                    step: name.into(),
-                    time: journal::now(),
-                    detail: detail.clone(),
-                })
-                .map_err(|e| self.halt(None, name, e, String::new()))?;
-                self.emit(
-                    None,
-                    name,
-                    Phase::Done,
-                    started.elapsed(),
-                    Some(deadline),
-                    detail,
-                );
-                Ok(())
-            }
-            Err(cause) => {
-                self.emit(
-                    None,
-                    name,
-                    Phase::Failed,
-                    started.elapsed(),
-                    Some(deadline),
-                    cause.clone(),
-                );
-                let _ = self.write(Record::Failed {
-                    node: None,
-                    step: name.into(),
-                    time: journal::now(),
-                    cause: cause.clone(),
-                });
-                Err(self.halt(
-                    None,
-                    name,
-                    cause,
-                    "every node is migrated; the cluster step can be run again".into(),
-                ))
-            }
+            Ok(_) => written.map_err(|e| self.halt(None, name, e, String::new())),
+            Err(cause) => Err(self.halt(
+                None,
+                name,
+                with_journal_error(cause, written),
+                "every node is migrated; the cluster step can be run again".into(),
+            )),
         }
     }
 
@@ -875,12 +1110,17 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                 String::new(),
             ));
         }
-        let p = plan(
+        let mut p = plan(
             self.ctx.inv,
             PlanOptions {
                 no_cleanup: self.ctx.opts.no_cleanup,
                 no_auto_rollback: self.ctx.opts.no_auto_rollback,
             },
+        );
+        stranded_first(
+            &mut p,
+            &stranded(&self.state),
+            self.ctx.inv.migrate.max_unavailable,
         );
         for (i, wave) in p.waves.iter().enumerate() {
             let pending: Vec<Node> = wave
@@ -908,7 +1148,10 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                 if todo.is_empty() {
                     continue;
                 }
-                self.boundary(step.name(), &waiting).await?;
+                self.boundary(step.name()).await?;
+                if let Some(w) = self.watch(&waiting).await {
+                    return Err(self.halt_stranded(&w, &pending, step).await);
+                }
                 if step == Step::Label {
                     self.cilium_install_once(&todo[0]).await?;
                 }
@@ -927,6 +1170,25 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
             self.cluster_step(step).await?;
         }
         Ok(())
+    }
+}
+
+/// The workers the early-restart watch halted a run on (see
+/// [`stranded_first`]).
+pub fn stranded(state: &State) -> Vec<String> {
+    state
+        .nodes
+        .iter()
+        .filter(|(_, s)| s.stranded.is_some())
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// A failure's cause, with the journal's own failure to record it if any.
+fn with_journal_error(cause: Cause, written: Result<(), Cause>) -> Cause {
+    match written {
+        Ok(()) => cause,
+        Err(e) => format!("{cause} (and {e})"),
     }
 }
 
@@ -1071,8 +1333,22 @@ mod tests {
         fail: HashMap<String, String>,
         hang: HashSet<String>,
         control: Mutex<VecDeque<Control>>,
-        flannel_missing: HashSet<String>,
+        /// Workers whose k3s runs without Flannel (the watch's answer).
+        no_flannel: Mutex<HashSet<String>>,
+        /// ("op node", worker): once that call is made, the worker's k3s
+        /// runs without Flannel (a server switched; the worker restarted).
+        strand_after: Option<(String, String)>,
+        /// k3s_network's answer after a rollback, per node (default: the
+        /// watch's answer).
+        after_rollback: HashMap<String, K3sNetwork>,
+        /// Nodes the API says are NotReady: the gates fail on them unless
+        /// the run calls them its own unfinished nodes.
+        not_ready: Mutex<HashSet<String>>,
+        /// What the gates were told was the run's own (per gates call).
+        excused: Mutex<Vec<Vec<String>>>,
         arm_state: Option<ArmState>,
+        /// One ordered log: "node step-done/failed ok" Node Events, and
+        /// (pushed by a test's sink) the driver's events.
         events: Mutex<Vec<String>>,
     }
 
@@ -1080,6 +1356,15 @@ mod tests {
         async fn op(&self, op: &str, node: &str) -> Result<(), Cause> {
             let key = format!("{op} {node}");
             self.calls.lock().unwrap().push(key.clone());
+            if op == "wait" {
+                // WaitCiliumReady passed: the node is Ready (on Cilium).
+                self.not_ready.lock().unwrap().remove(node);
+            }
+            if let Some((after, worker)) = &self.strand_after {
+                if *after == key {
+                    self.no_flannel.lock().unwrap().insert(worker.clone());
+                }
+            }
             if self.hang.contains(&key) {
                 std::future::pending::<()>().await;
             }
@@ -1094,8 +1379,18 @@ mod tests {
     }
 
     impl Cluster for Fake {
-        async fn gates(&self) -> Result<(), Cause> {
-            self.op("gates", "-").await
+        async fn gates(&self, unfinished: &[String]) -> Result<(), Cause> {
+            self.op("gates", "-").await?;
+            self.excused.lock().unwrap().push(unfinished.to_vec());
+            let not_ready = self.not_ready.lock().unwrap().clone();
+            let bad: Vec<&String> = not_ready
+                .iter()
+                .filter(|n| !unfinished.contains(n))
+                .collect();
+            match bad.first() {
+                None => Ok(()),
+                Some(n) => Err(format!("gate nodes.ready: node {n} is NotReady")),
+            }
         }
         async fn cordon(&self, node: &str) -> Result<String, Cause> {
             self.op("cordon", node).await.map(|()| "cordoned".into())
@@ -1175,8 +1470,22 @@ mod tests {
         async fn dial(&self, node: &Node, _: std::net::SocketAddr) -> Result<(), Cause> {
             self.op("dial", &node.name).await
         }
-        async fn flannel_missing(&self, node: &Node) -> Result<bool, Cause> {
-            Ok(self.flannel_missing.contains(&node.name))
+        async fn k3s_network(&self, node: &Node) -> Result<K3sNetwork, Cause> {
+            let rolled_back = self
+                .calls
+                .lock()
+                .unwrap()
+                .contains(&format!("arm-state {}", node.name));
+            if rolled_back {
+                if let Some(n) = self.after_rollback.get(&node.name) {
+                    return Ok(n.clone());
+                }
+            }
+            Ok(if self.no_flannel.lock().unwrap().contains(&node.name) {
+                K3sNetwork::NoFlannel
+            } else {
+                K3sNetwork::Flannel
+            })
         }
         async fn cleanup(&self, node: &Node) -> Result<String, Cause> {
             self.op("cleanup", &node.name)
@@ -1641,28 +1950,403 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_worker_without_flannel_before_its_turn_halts_naming_it() {
+    async fn a_worker_without_flannel_before_its_turn_halts_naming_it_and_goes_first_on_resume() {
         let dir = tempfile::tempdir().unwrap();
         let inv = inventory("", "true");
-        let mut fake = Fake::default();
-        fake.flannel_missing.insert("raccoon01".into());
-        let Outcome::Halted(h) = run_with(&inv, &fake, dir.path(), options(dir.path()))
-            .await
-            .outcome
-        else {
+        let fake = Fake::default();
+        fake.no_flannel.lock().unwrap().insert("raccoon01".into());
+        let r = run_with(&inv, &fake, dir.path(), options(dir.path())).await;
+        let Outcome::Halted(h) = r.outcome else {
             panic!()
         };
+        // The worker and its own state, not the controller's next step.
         assert_eq!(
             (h.node.as_deref(), h.step.as_str()),
-            (Some("raccoon01"), "preflight")
+            (Some("raccoon01"), "watch")
+        );
+        let text = h.to_string();
+        assert!(
+            text.starts_with(
+                "halted at raccoon01, before its turn: worker raccoon01 came up without Flannel before its turn (its agent says so)"
+            ),
+            "{text}"
         );
         assert!(
-            h.cause.starts_with(
-                "worker raccoon01 came up without Flannel before its turn (its agent says so)"
-            ),
+            h.aftermath
+                .starts_with("raccoon01 is not started (not cordoned, not labelled)")
+                && h.aftermath
+                    .contains("a resume migrates it first of the workers"),
             "{h}"
         );
-        assert_eq!(fake.calls(), Vec::<String>::new());
+        assert_eq!(fake.calls(), Vec::<String>::new(), "nothing was started");
+        assert!(r
+            .events
+            .iter()
+            .any(|e| e.node.as_deref() == Some("raccoon01")
+                && e.step == "watch"
+                && e.phase == Phase::Failed));
+        let s = Journal::open(dir.path(), &inv, Accept::default(), "x")
+            .unwrap()
+            .state();
+        assert!(s.nodes["raccoon01"].stranded.is_some(), "{s:?}");
+        assert_eq!(stranded(&s), ["raccoon01"]);
+
+        // The resume: raccoon01 is still without Flannel and NotReady. It is
+        // the run's own node, so the gates excuse it, the watch does not
+        // halt on it again, and it goes first of the workers.
+        let fake = Fake::default();
+        fake.no_flannel.lock().unwrap().insert("raccoon01".into());
+        fake.not_ready.lock().unwrap().insert("raccoon01".into());
+        let r = run_with(&inv, &fake, dir.path(), options(dir.path())).await;
+        assert_eq!(r.outcome, Outcome::Completed);
+        let calls = fake.calls();
+        let at = |c: &str| calls.iter().position(|x| x == c).unwrap();
+        assert!(at("uncordon opi01") < at("preflight raccoon01"));
+        assert!(at("uncordon raccoon01") < at("preflight raccoon00"));
+        // Excused while unfinished (the preflights of opi01 and of itself),
+        // no longer once it is done (raccoon00's preflight, verify-cluster).
+        let excused = fake.excused.lock().unwrap().clone();
+        let has = |e: &Vec<String>| e.contains(&"raccoon01".to_string());
+        assert_eq!(
+            excused.iter().map(has).collect::<Vec<_>>(),
+            [true, true, false, false],
+            "{excused:?}"
+        );
+    }
+
+    /// The in-flight node of a halt for another node's sake, by how far it
+    /// got: the trigger is the call after which the worker came up without
+    /// Flannel; the watch sees it at the next boundary.
+    #[tokio::test]
+    async fn a_watch_halt_leaves_the_node_in_flight_in_an_explained_state() {
+        struct Case {
+            after: &'static str,
+            says: &'static str,
+            called: &'static [&'static str],
+            not_called: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                after: "cordon opi01",
+                says: "opi01 stays cordoned; it was not switched",
+                called: &[],
+                not_called: &["disarm opi01", "arm-state opi01", "confirm opi01"],
+            },
+            Case {
+                after: "arm opi01",
+                says: "opi01 was armed but never switched: it is disarmed and stays cordoned",
+                called: &["disarm opi01"],
+                not_called: &["arm-state opi01", "confirm opi01"],
+            },
+            Case {
+                after: "label opi01",
+                says: "opi01 was switched but not verified, so it is left to its agent's dead-man rollback: opi01 was rolled back to Flannel by its agent: restored the Flannel configuration; k3s restarted; its k3s runs Flannel again; its label cnishift.io/cni is removed",
+                called: &["arm-state opi01", "unlabel opi01"],
+                not_called: &["confirm opi01", "disarm opi01"],
+            },
+            Case {
+                after: "dial opi01",
+                says: "opi01 had passed Verify, so it is confirmed on Cilium rather than left to roll back",
+                called: &["confirm opi01"],
+                not_called: &["arm-state opi01", "disarm opi01", "uncordon opi01"],
+            },
+            Case {
+                after: "confirm opi01",
+                says: "opi01 is migrated and confirmed; it stays cordoned until the resume uncordons it",
+                called: &[],
+                not_called: &["arm-state opi01", "disarm opi01", "uncordon opi01"],
+            },
+        ];
+        for c in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let inv = inventory("", "true");
+            let fake = Fake {
+                strand_after: Some((c.after.into(), "raccoon01".into())),
+                ..Default::default()
+            };
+            let r = run_with(&inv, &fake, dir.path(), options(dir.path())).await;
+            let Outcome::Halted(h) = r.outcome else {
+                panic!("{}: completed", c.after)
+            };
+            assert_eq!(
+                (h.node.as_deref(), h.step.as_str()),
+                (Some("raccoon01"), "watch"),
+                "{}",
+                c.after
+            );
+            assert!(h.aftermath.contains(c.says), "{}: {h}", c.after);
+            let calls = fake.calls();
+            let trigger = calls.iter().position(|x| x == c.after).unwrap();
+            for want in c.called {
+                assert!(
+                    calls[trigger + 1..].contains(&want.to_string()),
+                    "{}: {calls:?}",
+                    c.after
+                );
+            }
+            for not in c.not_called {
+                assert!(
+                    !calls[trigger + 1..].contains(&not.to_string()),
+                    "{}: {not} in {calls:?}",
+                    c.after
+                );
+            }
+            // Nothing further started: no step of opi01 after the trigger
+            // but the settling, nothing of the workers.
+            assert!(!calls
+                .iter()
+                .any(|x| x.ends_with("raccoon00") || x.ends_with("raccoon01")));
+            let later: Vec<&str> = Step::ALL
+                .iter()
+                .filter_map(|s| op_of(*s))
+                .filter(|op| !["confirm", "disarm"].contains(op))
+                .collect();
+            assert!(
+                !calls[trigger + 1..]
+                    .iter()
+                    .any(|x| later.contains(&x.split(' ').next().unwrap())),
+                "{}: {calls:?}",
+                c.after
+            );
+            // A resume finishes from there.
+            let fake = Fake::default();
+            fake.no_flannel.lock().unwrap().insert("raccoon01".into());
+            let r = run_with(&inv, &fake, dir.path(), options(dir.path())).await;
+            assert_eq!(r.outcome, Outcome::Completed, "{}", c.after);
+        }
+    }
+
+    /// After a dead-man rollback, the aftermath says what the node's k3s
+    /// runs in its agent's words, and the migration label follows it.
+    #[tokio::test]
+    async fn after_a_rollback_the_aftermath_tells_what_k3s_runs_and_the_label_follows() {
+        let labelled_fail = ("migrated raccoon00", "true");
+        let unlabelled_fail = (
+            "-",
+            "echo 'error: activation failed' >&2; test {node} != raccoon00",
+        );
+        /// (failing op, deploy hook), the answer after the rollback, what the
+        /// aftermath says, what it must never say, whether it unlabels.
+        type Case<'a> = (
+            (&'a str, &'a str),
+            Option<K3sNetwork>,
+            &'a [&'a str],
+            &'a [&'a str],
+            bool,
+        );
+        let cases: [Case; 4] = [
+            (
+                labelled_fail,
+                None,
+                &["raccoon00 was rolled back to Flannel by its agent: restored the Flannel configuration; k3s restarted; its k3s runs Flannel again; its label cnishift.io/cni is removed, so Cilium's DaemonSet leaves it; it stays cordoned; a resume migrates it again from its preflight"],
+                &["WITHOUT"],
+                true,
+            ),
+            (
+                labelled_fail,
+                Some(K3sNetwork::NoFlannel),
+                &[
+                    "raccoon00's agent rolled it back (restored the Flannel configuration; k3s restarted), but its k3s came back WITHOUT Flannel: the servers already run --flannel-backend=none, and a k3s agent takes the backend from them when it starts",
+                    "its label cnishift.io/cni=cilium is kept, so Cilium",
+                    "a resume migrates it again from its preflight (its being NotReady does not block that)",
+                ],
+                &["rolled back to Flannel", "removed"],
+                false,
+            ),
+            (
+                unlabelled_fail,
+                Some(K3sNetwork::NoFlannel),
+                &["it is not labelled cnishift.io/cni=cilium, so Cilium does not start there either: it has no pod network, and is NotReady, until it is migrated"],
+                &["rolled back to Flannel", "kept"],
+                false,
+            ),
+            (
+                labelled_fail,
+                Some(K3sNetwork::Unknown("no containerd config".into())),
+                &["whether its k3s runs Flannel now cannot be told (no containerd config); its label is left as it is"],
+                &["rolled back to Flannel"],
+                false,
+            ),
+        ];
+        for ((fail, deploy), net, says, never, unlabel) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let inv = inventory("", deploy);
+            let mut fake = Fake::default();
+            fake.fail.insert(fail.into(), "cilium_host is down".into());
+            if let Some(n) = net.clone() {
+                fake.after_rollback.insert("raccoon00".into(), n);
+            }
+            let r = run_with(&inv, &fake, dir.path(), options(dir.path())).await;
+            let Outcome::Halted(h) = r.outcome else {
+                panic!("{net:?}: completed")
+            };
+            assert_eq!(h.node.as_deref(), Some("raccoon00"));
+            for s in says {
+                assert!(h.aftermath.contains(s), "{net:?}: {s}\n{h}");
+            }
+            for s in never {
+                assert!(!h.aftermath.contains(s), "{net:?}: {s}\n{h}");
+            }
+            let calls = fake.calls();
+            assert_eq!(
+                calls.contains(&"unlabel raccoon00".to_string()),
+                unlabel,
+                "{net:?}: {calls:?}"
+            );
+            if unlabel {
+                let at = |c: &str| calls.iter().position(|x| x == c).unwrap();
+                assert!(at("arm-state raccoon00") < at("unlabel raccoon00"));
+                assert!(fake
+                    .events
+                    .lock()
+                    .unwrap()
+                    .contains(&"raccoon00 unlabel-done true".to_string()));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resume_goes_on_with_its_own_notready_node_but_not_past_another() {
+        let dir = tempfile::tempdir().unwrap();
+        // The deploy fails on raccoon00 while the marker exists (the
+        // inventory must stay the same for the resume).
+        let marker = dir.path().join("fail");
+        std::fs::write(&marker, "").unwrap();
+        let inv = inventory(
+            "",
+            &format!(
+                "test {{node}} != raccoon00 || test ! -e {}",
+                marker.display()
+            ),
+        );
+        let mut fake = Fake::default();
+        fake.after_rollback
+            .insert("raccoon00".into(), K3sNetwork::NoFlannel);
+        let r = run_with(&inv, &fake, dir.path(), options(dir.path())).await;
+        assert!(
+            matches!(r.outcome, Outcome::Halted(ref h) if h.node.as_deref() == Some("raccoon00"))
+        );
+        let halted = std::fs::read_to_string(dir.path().join(journal::FILE)).unwrap();
+        std::fs::remove_file(&marker).unwrap();
+
+        // Another node NotReady — one the run finished, or one it has not
+        // started — still blocks.
+        for other in ["opi01", "raccoon01"] {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join(journal::FILE), &halted).unwrap();
+            let fake = Fake::default();
+            fake.not_ready.lock().unwrap().insert("raccoon00".into());
+            fake.not_ready.lock().unwrap().insert(other.into());
+            let Outcome::Halted(h) = run_with(&inv, &fake, d.path(), options(d.path()))
+                .await
+                .outcome
+            else {
+                panic!("{other}: completed")
+            };
+            assert_eq!(
+                (h.node.as_deref(), h.step.as_str(), h.cause.as_str()),
+                (
+                    Some("raccoon00"),
+                    "preflight",
+                    format!("gate nodes.ready: node {other} is NotReady").as_str()
+                )
+            );
+        }
+
+        // Its own halted node NotReady: the resume migrates it.
+        let fake = Fake::default();
+        fake.not_ready.lock().unwrap().insert("raccoon00".into());
+        let r = run_with(&inv, &fake, dir.path(), options(dir.path())).await;
+        assert_eq!(r.outcome, Outcome::Completed);
+        assert_eq!(
+            fake.calls()[..3],
+            ["preflight raccoon00", "gates -", "cordon raccoon00"]
+        );
+        assert_eq!(fake.excused.lock().unwrap()[0], ["raccoon00"]);
+    }
+
+    /// The done record is on disk before the done event is emitted, and the
+    /// event before the Node's Event — for every node step, cluster step and
+    /// failure: a kill right after "done" never redoes the step.
+    #[tokio::test]
+    async fn each_outcome_is_journaled_then_emitted_then_recorded_on_the_node() {
+        for fail in [None, Some("migrated raccoon00")] {
+            let dir = tempfile::tempdir().unwrap();
+            let inv = inventory("", "true");
+            let mut fake = Fake::default();
+            if let Some(f) = fail {
+                fake.fail.insert(f.into(), "cilium_host is down".into());
+            }
+            let opts = options(dir.path());
+            let mut j = Journal::open(dir.path(), &inv, Accept::default(), "run-1").unwrap();
+            let state = j.state();
+            let path = dir.path().join(journal::FILE);
+            let mut checked = 0;
+            let mut sink = |e: &Event| {
+                let (kind, what) = match e.phase {
+                    Phase::Done => ("\"type\":\"done\"", &e.detail),
+                    Phase::Failed => ("\"type\":\"failed\"", &e.detail),
+                    _ => return,
+                };
+                if e.step == "rollback" || e.step == "unlabel" {
+                    return; // not a step's outcome
+                }
+                fake.events.lock().unwrap().push(format!(
+                    "event {} {} {:?}",
+                    e.node.as_deref().unwrap_or("-"),
+                    e.step,
+                    e.phase
+                ));
+                let text = std::fs::read_to_string(&path).unwrap();
+                let rec = serde_json::to_string(what).unwrap();
+                assert!(
+                    text.lines().any(|l| l.contains(kind)
+                        && l.contains(&format!("\"step\":\"{}\"", e.step))
+                        && l.contains(&rec)),
+                    "{} {} {:?} emitted before its record was written",
+                    e.node.as_deref().unwrap_or("-"),
+                    e.step,
+                    e.phase
+                );
+                checked += 1;
+            };
+            {
+                let mut d = Driver {
+                    ctx: Ctx {
+                        inv: &inv,
+                        cluster: &fake,
+                        agents: &fake,
+                        opts: &opts,
+                        run: "run-1".into(),
+                    },
+                    journal: Some(&mut j),
+                    state,
+                    sink: &mut sink,
+                };
+                d.run().await;
+            }
+            assert!(checked > 12, "{checked}");
+            let log = fake.events.lock().unwrap().clone();
+            for (i, l) in log.iter().enumerate() {
+                // "opi01 preflight-done true" follows "event opi01 preflight Done".
+                let Some((node, rest)) = l.split_once(' ') else {
+                    continue;
+                };
+                if node == "event" {
+                    continue;
+                }
+                let (step, phase) = match rest.split_once(' ').unwrap().0.rsplit_once('-') {
+                    Some((s, "done")) => (s, "Done"),
+                    Some((s, "failed")) => (s, "Failed"),
+                    _ => continue,
+                };
+                if step == "unlabel" {
+                    continue;
+                }
+                let event = format!("event {node} {step} {phase}");
+                assert!(log[..i].contains(&event), "{l} before {event}: {log:?}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -251,21 +251,70 @@ pub enum Control {
     Lost(String),
 }
 
-/// What an agent's dead-man rollback is doing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an agent's dead-man rollback is doing. `Display` says it for a
+/// person (`cnishift status`); `Serialize` is its `-o json` shape:
+/// `{"state": "armed", "remaining_ms": 7000}`, `{"state": "rolled-back",
+/// "ok": true, "message": "..."}`, ...
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
 pub enum ArmState {
     Disarmed,
-    Armed { remaining: std::time::Duration },
+    Armed {
+        #[serde(rename = "remaining_ms", serialize_with = "millis")]
+        remaining: std::time::Duration,
+    },
     RollingBack,
-    RolledBack { ok: bool, message: String },
+    RolledBack {
+        ok: bool,
+        message: String,
+    },
     Confirmed,
+}
+
+fn millis<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+impl std::fmt::Display for ArmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArmState::Disarmed => f.write_str("disarmed: nothing will roll the node back"),
+            ArmState::Armed { remaining } => write!(
+                f,
+                "armed: rolls the node back in {} unless confirmed",
+                // Whole seconds: the countdown moves while one reads it.
+                humantime::format_duration(std::time::Duration::from_secs(remaining.as_secs()))
+            ),
+            ArmState::RollingBack => f.write_str("rolling the node back now"),
+            ArmState::RolledBack { ok: true, message } => write!(f, "rolled back: {message}"),
+            ArmState::RolledBack { ok: false, message } => {
+                write!(f, "rollback FAILED: {message}")
+            }
+            ArmState::Confirmed => f.write_str("confirmed: the node stays switched"),
+        }
+    }
+}
+
+/// What the k3s on a node runs, in its agent's words (its `k3s.network`
+/// check): the one question asked between every two steps, and after a
+/// rollback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum K3sNetwork {
+    Flannel,
+    /// k3s runs with no Flannel: the node has a pod network only where
+    /// Cilium runs.
+    NoFlannel,
+    /// The agent cannot tell; why, in its words.
+    Unknown(String),
 }
 
 /// The Kubernetes side of the migration steps.
 #[allow(async_fn_in_trait)]
 pub trait Cluster {
-    /// The cluster gates (`cnishift cluster check`): Err names the failing ones.
-    async fn gates(&self) -> Result<(), Cause>;
+    /// The cluster gates (`cnishift cluster check`): Err names the failing
+    /// ones. A NotReady node among `unfinished` (the run's own nodes it has
+    /// started and not finished) does not fail `nodes.ready`.
+    async fn gates(&self, unfinished: &[String]) -> Result<(), Cause>;
     async fn cordon(&self, node: &str) -> Result<String, Cause>;
     async fn drain(&self, node: &str, deadline: std::time::Duration) -> Result<String, Cause>;
     /// Whether Cilium's DaemonSet exists.
@@ -305,10 +354,68 @@ pub trait NodeAgents {
     async fn pods_on_cni0(&self, node: &Node) -> Result<u32, Cause>;
     /// A TCP dial from the node to `target`.
     async fn dial(&self, node: &Node, target: std::net::SocketAddr) -> Result<(), Cause>;
-    /// A not-yet-migrated node whose k3s came up without Flannel.
-    async fn flannel_missing(&self, node: &Node) -> Result<bool, Cause>;
+    /// What the node's k3s runs now (the early-restart watch asks it of every
+    /// worker not yet migrated, between every two steps; the aftermath of a
+    /// rollback asks it of the node rolled back): a cheap question.
+    async fn k3s_network(&self, node: &Node) -> Result<K3sNetwork, Cause>;
     /// What of Flannel is left on the node (its cleanup plan's items).
     async fn leftovers(&self, node: &Node) -> Result<Vec<String>, Cause>;
     /// Plans and applies the node's cleanup of Flannel's leftovers.
     async fn cleanup(&self, node: &Node) -> Result<String, Cause>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ArmState;
+    use std::time::Duration;
+
+    /// `cnishift status` shows the arm state to a person, and its fields
+    /// under `-o json` (never a Rust Debug string).
+    #[test]
+    fn the_arm_state_reads_as_a_sentence_and_as_json() {
+        let cases = [
+            (
+                ArmState::Armed {
+                    remaining: Duration::from_millis(7_450),
+                },
+                "armed: rolls the node back in 7s unless confirmed",
+                serde_json::json!({"state": "armed", "remaining_ms": 7450}),
+            ),
+            (
+                ArmState::RolledBack {
+                    ok: true,
+                    message: "rolled back to NixOS generation 41".into(),
+                },
+                "rolled back: rolled back to NixOS generation 41",
+                serde_json::json!({"state": "rolled-back", "ok": true, "message": "rolled back to NixOS generation 41"}),
+            ),
+            (
+                ArmState::RolledBack {
+                    ok: false,
+                    message: "exit 1".into(),
+                },
+                "rollback FAILED: exit 1",
+                serde_json::json!({"state": "rolled-back", "ok": false, "message": "exit 1"}),
+            ),
+            (
+                ArmState::RollingBack,
+                "rolling the node back now",
+                serde_json::json!({"state": "rolling-back"}),
+            ),
+            (
+                ArmState::Confirmed,
+                "confirmed: the node stays switched",
+                serde_json::json!({"state": "confirmed"}),
+            ),
+            (
+                ArmState::Disarmed,
+                "disarmed: nothing will roll the node back",
+                serde_json::json!({"state": "disarmed"}),
+            ),
+        ];
+        for (s, text, json) in cases {
+            assert_eq!(s.to_string(), text);
+            assert_eq!(serde_json::to_value(&s).unwrap(), json);
+        }
+    }
 }

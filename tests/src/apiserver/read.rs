@@ -81,7 +81,9 @@ pub(crate) async fn list_or_watch(
     headers: &HeaderMap,
 ) -> Response {
     if is_watch(&p) {
-        return watch(api, resource, ns, p).await;
+        // `kubectl get nodes -w` asks for server-side printing of each event.
+        let table = wants_table(headers) && ["nodes", "pods"].contains(&resource);
+        return watch(api, resource, ns, p, table).await;
     }
     let store = api.store.lock().expect("store");
     let items: Vec<Value> = store
@@ -173,7 +175,12 @@ pub(crate) fn core_event(e: &Value) -> Value {
     })
 }
 
-pub(crate) async fn core_events(api: ApiServer, ns: Option<String>, p: ListParams) -> Response {
+pub(crate) async fn core_events(
+    api: ApiServer,
+    ns: Option<String>,
+    p: ListParams,
+    headers: &HeaderMap,
+) -> Response {
     let store = api.store.lock().expect("store");
     let items: Vec<Value> = store
         .list("events", ns.as_deref())
@@ -181,6 +188,9 @@ pub(crate) async fn core_events(api: ApiServer, ns: Option<String>, p: ListParam
         .map(core_event)
         .filter(|e| matches(e, &p))
         .collect();
+    if wants_table(headers) {
+        return json_response(&event_table(&items, store.rv));
+    }
     json_response(
         &json!({"kind": "EventList", "apiVersion": "v1", "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
     )
@@ -189,14 +199,16 @@ pub(crate) async fn core_events(api: ApiServer, ns: Option<String>, p: ListParam
 pub(crate) async fn list_core_events(
     State(api): State<ApiServer>,
     Query(p): Query<ListParams>,
+    headers: HeaderMap,
 ) -> Response {
-    core_events(api, None, p).await
+    core_events(api, None, p, &headers).await
 }
 
 pub(crate) async fn list_core_events_in(
     State(api): State<ApiServer>,
     Path(ns): Path<String>,
     Query(p): Query<ListParams>,
+    headers: HeaderMap,
 ) -> Response {
-    core_events(api, Some(ns), p).await
+    core_events(api, Some(ns), p, &headers).await
 }

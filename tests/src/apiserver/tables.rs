@@ -132,3 +132,50 @@ pub(crate) fn pod_table(pods: &[Value], rv: u64) -> Value {
         rv,
     )
 }
+
+/// Server-side printing of core/v1 Events, with the columns `kubectl get
+/// events [-o wide]` shows.
+pub(crate) fn event_table(events: &[Value], rv: u64) -> Value {
+    let rows: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            let when = age(e["lastTimestamp"].as_str().unwrap_or(""));
+            let o = &e["involvedObject"];
+            row(
+                json!([
+                    when,
+                    e["type"],
+                    e["reason"],
+                    format!(
+                        "{}/{}",
+                        o["kind"].as_str().unwrap_or("").to_lowercase(),
+                        o["name"].as_str().unwrap_or("")
+                    ),
+                    o["fieldPath"].as_str().unwrap_or(""),
+                    e["source"]["component"].as_str().unwrap_or(""),
+                    e["message"],
+                    when,
+                    e["count"],
+                    e["metadata"]["name"]
+                ]),
+                e,
+            )
+        })
+        .collect();
+    table(
+        &[
+            ("Last Seen", "string", 0),
+            ("Type", "string", 0),
+            ("Reason", "string", 0),
+            ("Object", "string", 0),
+            ("Subobject", "string", 1),
+            ("Source", "string", 1),
+            ("Message", "string", 0),
+            ("First Seen", "string", 1),
+            ("Count", "string", 1),
+            ("Name", "string", 1),
+        ],
+        rows,
+        rv,
+    )
+}

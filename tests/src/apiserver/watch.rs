@@ -11,12 +11,15 @@ pub(crate) fn in_scope(c: &Change, resource: &str, ns: Option<&str>, p: &ListPar
 
 /// A watch: the changes after `resourceVersion` (or every object, as ADDED,
 /// when it is empty or "0"), then live changes, one JSON object per line,
-/// until `timeoutSeconds`.
+/// until `timeoutSeconds`. With `table` (kubectl's `get -w`), each event's
+/// object is a one-row Table, as a real server prints it: the column
+/// definitions in the first event only.
 pub(crate) async fn watch(
     api: ApiServer,
     resource: &'static str,
     ns: Option<String>,
     p: ListParams,
+    table: bool,
 ) -> Response {
     let (initial, rx, rv_now) = {
         let store = api.store.lock().expect("store");
@@ -60,13 +63,31 @@ pub(crate) async fn watch(
         (initial, rx, store.rv)
     };
     let p = Arc::new(p);
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let printed = {
+        let first = first.clone();
+        move |object: &Value, rv: u64| -> Value {
+            if !table {
+                return object.clone();
+            }
+            let mut t = if resource == "nodes" {
+                node_table(&[object], rv)
+            } else {
+                pod_table(std::slice::from_ref(object), rv)
+            };
+            if !first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                t["columnDefinitions"] = json!([]);
+            }
+            t
+        }
+    };
     let line = |kind: &str, object: &Value| {
         Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
     };
     let mut head: Vec<Result<Bytes, Infallible>> = initial
         .iter()
         .filter(|c| in_scope(c, resource, ns.as_deref(), &p))
-        .map(|c| Ok(line(c.kind, &c.object)))
+        .map(|c| Ok(line(c.kind, &printed(&c.object, c.rv))))
         .collect();
     if p.allow_watch_bookmarks == Some(true) {
         // A real server's bookmark carries the kind and apiVersion (clients need them).
@@ -80,18 +101,21 @@ pub(crate) async fn watch(
     let filter = p.clone();
     let live = futures::stream::unfold(
         (rx, filter, last_sent, ns),
-        move |(mut rx, filter, last, ns)| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(c) if c.rv > last && in_scope(&c, resource, ns.as_deref(), &filter) => {
-                        let bytes = Bytes::from(format!(
-                            "{}\n",
-                            json!({"type": c.kind, "object": c.object})
-                        ));
-                        return Some((Ok::<_, Infallible>(bytes), (rx, filter, c.rv, ns)));
+        move |(mut rx, filter, last, ns)| {
+            let printed = printed.clone();
+            async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(c) if c.rv > last && in_scope(&c, resource, ns.as_deref(), &filter) => {
+                            let bytes = Bytes::from(format!(
+                                "{}\n",
+                                json!({"type": c.kind, "object": printed(&c.object, c.rv)})
+                            ));
+                            return Some((Ok::<_, Infallible>(bytes), (rx, filter, c.rv, ns)));
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
                     }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
         },

@@ -119,10 +119,14 @@ impl Reply {
 pub(super) fn serve_control(lab: &Arc<Mutex<Lab>>, conn: UnixStream) -> Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
+    let mut restarting = None;
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Reply::fail(format!("bad request: {e}")),
         Ok(req) => {
             let mut lab = lab.lock().expect("lab");
+            if let Request::Rollback { node } = &req {
+                restarting = lab.node_index(node).ok();
+            }
             let r = match req {
                 Request::Deploy { node } => lab.deploy(&node),
                 Request::Rollback { node } => lab.rollback(&node),
@@ -157,6 +161,28 @@ pub(super) fn serve_control(lab: &Arc<Mutex<Lab>>, conn: UnixStream) -> Result<(
             r.unwrap_or_else(|e| Reply::fail(format!("{e:#}")))
         }
     };
+    // A rollback answers once the node's k3s is up again, as the real one
+    // does: `switch-to-configuration` returns when systemd's restart job of
+    // the k3s unit (Type=notify) is done, by which time k3s has written
+    // containerd's config for the backend it took. Whoever asks the node
+    // right after the rollback then sees what it runs now.
+    let mut reply = reply;
+    if let (Some(i), true) = (restarting, reply.ok) {
+        let until = Instant::now() + RESTART * 10;
+        while Instant::now() < until && lab.lock().expect("lab").nodes[i].restart_until.is_some() {
+            std::thread::sleep(TICK);
+        }
+        let lab = lab.lock().expect("lab");
+        let n = &lab.nodes[i];
+        reply.message = match (n.restart_until.is_some(), n.backend) {
+            (true, _) => format!("{}; k3s still restarting", reply.message),
+            (false, Backend::Flannel) => format!("{}; k3s restarted, on Flannel", reply.message),
+            (false, Backend::None) => format!(
+                "{}; k3s restarted without Flannel (a k3s agent takes the backend from the servers)",
+                reply.message
+            ),
+        };
+    }
     let mut w = &conn;
     writeln!(w, "{}", serde_json::to_string(&reply)?)?;
     Ok(())

@@ -42,6 +42,8 @@ pub use control::{request, Reply, Request, StatusRow};
 use node::pod_ready;
 
 pub const CILIUM_DS: &str = "cilium";
+/// `DIR/logs/hooks.log`: every deploy and rollback the lab's hooks asked for.
+pub const HOOK_LOG: &str = "hooks.log";
 pub const API_PORT: u16 = 6443;
 /// How long a k3s restart keeps the node NotReady (and its Lease unrenewed).
 pub const RESTART: Duration = Duration::from_millis(300);

@@ -41,20 +41,41 @@ impl Lab {
         }
     }
 
+    /// One line per deploy or rollback the lab was asked for, appended to
+    /// `DIR/logs/hooks.log` as `<unix ms> <verb> <node> <outcome>`: how a
+    /// person (or the kill tests) counts what ran on a node, e.g. a deploy
+    /// that a resumed `migrate` ran again because its outcome was never
+    /// journaled.
+    fn log_hook(&self, verb: &str, node: &str, outcome: &str) {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let line = format!("{ms} {verb} {node} {outcome}\n");
+        let _ = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.rec.dir.join("logs").join(HOOK_LOG))
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+
     /// What `just nix deploy` + the k3s restart do to a node.
     pub(super) fn deploy(&mut self, node: &str) -> Result<Reply> {
         let i = self.node_index(node)?;
         if self.nodes[i].faults.contains(&Fault::HookFails) {
+            self.log_hook("deploy", node, "failed (hook-fails)");
             return Ok(Reply::fail(format!(
                 "deploy {node}: switch-to-configuration failed (injected by the lab: hook-fails)"
             )));
         }
         if self.nodes[i].faults.contains(&Fault::HookHangs) {
+            self.log_hook("deploy", node, "hangs (hook-hangs)");
             return Ok(Reply {
                 hang: true,
                 ..Reply::ok(String::new())
             });
         }
+        self.log_hook("deploy", node, "switched");
         self.nodes[i].flags_none = true;
         let root = self.nodes[i].rec.host_root.clone();
         k3s::write_flags(&root, self.nodes[i].rec.role, true)?;
@@ -67,6 +88,7 @@ impl Lab {
 
     pub(super) fn rollback(&mut self, node: &str) -> Result<Reply> {
         let i = self.node_index(node)?;
+        self.log_hook("rollback", node, "switched back");
         self.nodes[i].flags_none = false;
         let root = self.nodes[i].rec.host_root.clone();
         k3s::write_flags(&root, self.nodes[i].rec.role, false)?;
@@ -80,9 +102,7 @@ impl Lab {
         if !self.nodes[i].faults.contains(&Fault::Partition) {
             self.set_cut(i, false)?;
         }
-        Ok(Reply::ok(format!(
-            "{node}: k3s flags back to Flannel; k3s restarting"
-        )))
+        Ok(Reply::ok(format!("{node}: k3s flags back to Flannel")))
     }
 
     pub(super) fn start_health(&mut self, i: usize) -> Result<()> {
