@@ -174,6 +174,8 @@ fn flannel_leftovers_in_a_real_network_namespace() {
         "ip link add eth0 type veth peer name eth0peer",
         "ip link set eth0 up",
         "ip addr add 192.0.2.10/24 dev eth0",
+        "ip link set eth0 mtu 1400",
+        "ip route add default via 192.0.2.1 dev eth0",
         "ip link add flannel.1 type vxlan id 1 dstport 8472 dev eth0 nolearning",
         "ip link set flannel.1 up",
         "ip addr add 10.42.0.0/32 dev flannel.1",
@@ -225,6 +227,30 @@ fn flannel_leftovers_in_a_real_network_namespace() {
         message(&r, "flannel.routes")
     );
     assert!(net["cilium_interfaces"].as_object().unwrap().is_empty());
+    // Links with MTUs, addresses and the VXLAN port, for `cnishift values check`.
+    let link = |name: &str| {
+        net["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no link {name}: {net:#}"))
+    };
+    assert_eq!(link("eth0")["mtu"], 1400);
+    assert_eq!(link("eth0")["addresses"][0], "192.0.2.10/24");
+    assert_eq!(link("flannel.1")["vxlan_port"], 8472);
+    assert_eq!(link("flannel.1")["addresses"][0], "10.42.0.0/32");
+    assert!(link("eth0")["vxlan_port"].is_null());
+    assert_eq!(net["default_route"], "eth0");
+    assert!(
+        !net["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"] == "vethpod1"),
+        "pod veths on cni0 are not listed again"
+    );
     if iptables {
         let msg = message(&r, "iptables.flannel");
         assert!(

@@ -140,6 +140,10 @@ pub struct DrainPolicy {
     /// Evict pods with emptyDir volumes, whose data is lost (like
     /// `kubectl drain --delete-emptydir-data`).
     pub allow_local_storage: bool,
+    /// Drain a node although a pod on it uses a PersistentVolume pinned to
+    /// it by node affinity (local-path): the pod cannot run elsewhere and
+    /// stays Pending until the node is back.
+    pub allow_pinned_volumes: bool,
     /// Evictions in flight at once.
     pub parallel_evictions: usize,
     /// Pause before asking again after a PodDisruptionBudget said no.
@@ -152,6 +156,7 @@ impl Default for DrainPolicy {
         DrainPolicy {
             allow_unmanaged: false,
             allow_local_storage: false,
+            allow_pinned_volumes: false,
             parallel_evictions: 8,
             retry_interval: Duration::from_secs(5),
         }
@@ -177,6 +182,9 @@ pub struct CiliumConfig {
     /// `(key, value)`: set on a node at its Label step, so a Cilium DaemonSet
     /// restricted to it never starts on a node still running Flannel.
     pub node_label: Option<(String, String)>,
+    /// The Helm values Cilium will be installed with (`cnishift values
+    /// check`, also a Preflight gate), relative to the inventory.
+    pub values: Option<PathBuf>,
 }
 
 /// `[migrate]`.
@@ -301,6 +309,7 @@ struct RawDeadlines {
 struct RawDrain {
     allow_unmanaged: Option<bool>,
     allow_local_storage: Option<bool>,
+    allow_pinned_volumes: Option<bool>,
     parallel_evictions: Option<Spanned<i64>>,
     retry_interval: Option<Spanned<String>>,
 }
@@ -320,6 +329,7 @@ type RawHook = Spanned<Vec<Spanned<String>>>;
 #[serde(deny_unknown_fields)]
 struct RawCilium {
     node_label: Option<Spanned<String>>,
+    values: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -454,6 +464,7 @@ impl Inventory {
         let drain = DrainPolicy {
             allow_unmanaged: raw.drain.allow_unmanaged.unwrap_or(false),
             allow_local_storage: raw.drain.allow_local_storage.unwrap_or(false),
+            allow_pinned_volumes: raw.drain.allow_pinned_volumes.unwrap_or(false),
             parallel_evictions: match &raw.drain.parallel_evictions {
                 None => drain_defaults.parallel_evictions,
                 Some(n) if (1..=256).contains(n.get_ref()) => *n.get_ref() as usize,
@@ -538,6 +549,27 @@ impl Inventory {
                         ),
                     )
                 })?),
+            },
+            values: match &raw.cilium.values {
+                None => None,
+                Some(v) if v.get_ref().trim().is_empty() => {
+                    return Err(at(
+                        v.span(),
+                        "cilium.values is empty".into(),
+                        Some(
+                            "name the Helm values file, e.g. values = \"cilium/helm-values.yaml\""
+                                .into(),
+                        ),
+                    ))
+                }
+                Some(v) => {
+                    let p = Path::new(v.get_ref());
+                    Some(if p.is_absolute() {
+                        p.to_path_buf()
+                    } else {
+                        base.join(p)
+                    })
+                }
             },
         };
 
@@ -842,7 +874,7 @@ address = "raccoon00.lan:7443"
             &bad("[drain]\nallow_unmanged = true"),
             (13, 1),
             "unknown field `allow_unmanged`, expected one of `allow_unmanaged`, \
-             `allow_local_storage`, `parallel_evictions`, `retry_interval`",
+             `allow_local_storage`, `allow_pinned_volumes`, `parallel_evictions`, `retry_interval`",
             Some(UNKNOWN_KEY_HINT),
         );
         expect(
@@ -996,6 +1028,23 @@ address = "raccoon00.lan:7443"
         assert_eq!(
             inv.cilium.node_label,
             Some(("cnishift.io/cni".to_string(), "cilium".to_string()))
+        );
+        assert_eq!(inv.cilium.values, None);
+        let inv = parse(&with("[cilium]\nvalues = \"cilium/helm-values.yaml\"\n\n[drain]\nallow_pinned_volumes = true")).unwrap();
+        assert_eq!(
+            inv.cilium.values.as_deref(),
+            Some(Path::new("/etc/cnishift/cilium/helm-values.yaml"))
+        );
+        assert!(inv.drain.allow_pinned_volumes && !parse(GOOD).unwrap().drain.allow_pinned_volumes);
+        let e = err(&with("[cilium]\nvalues = \"\""));
+        assert_eq!(
+            (e.line, e.column, e.message.as_str()),
+            (13, 10, "cilium.values is empty")
+        );
+        let e = err(&with("[cilium]\nvalues = 3"));
+        assert_eq!(
+            (e.line, e.column, e.message.as_str()),
+            (13, 10, "invalid type: integer `3`, expected a string")
         );
     }
 

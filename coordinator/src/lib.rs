@@ -3,8 +3,10 @@
 //! Flannel to Cilium one at a time.
 
 pub mod agents;
+pub mod backup;
 pub mod certs;
 pub mod inventory;
 pub mod kube;
 pub mod migrate;
 pub mod render;
+pub mod values;

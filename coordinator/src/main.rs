@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
-use cli::{certs, cleanup, cluster, etcd, lock, migrate, node, preflight};
+use cli::{backup, certs, cleanup, cluster, etcd, lock, migrate, node, preflight, values};
 
 #[derive(Parser)]
 #[command(
@@ -92,6 +92,18 @@ enum Command {
     Rollback(migrate::RollbackArgs),
     /// The validation checklist: nodes Ready, Cilium on every node, agents' verdicts, the VIP, leftovers.
     Verify(migrate::VerifyArgs),
+    /// Save NetworkPolicies, Nodes, PodDisruptionBudgets and Cilium/Flannel ConfigMaps as YAML to kubectl apply.
+    #[command(
+        after_help = "Writes DIR/cnishift-backup-<UTC time>/ (nodes.yaml, networkpolicies.yaml,\n\
+                            poddisruptionbudgets.yaml, configmaps.yaml) with server-set fields stripped; written under a\n\
+                            .partial name and renamed when complete, never over an existing one. `cnishift migrate` makes\n\
+                            one in --state-dir/backups before the first node is touched and journals its path.\n\n\
+                            Exit codes: 0 written, 2 the API or the directory failed, or a bad inventory or kubeconfig."
+    )]
+    Backup(backup::BackupArgs),
+    /// The Cilium Helm values checked against this cluster (also a Preflight gate with [cilium] values).
+    #[command(subcommand)]
+    Values(values::ValuesCommand),
 }
 
 fn main() -> ExitCode {
@@ -116,5 +128,7 @@ fn main() -> ExitCode {
         Command::Status(a) => migrate::run_status(a),
         Command::Rollback(a) => migrate::run_rollback(a),
         Command::Verify(a) => migrate::run_verify(a),
+        Command::Values(c) => values::run(c),
+        Command::Backup(a) => backup::run(a),
     }
 }

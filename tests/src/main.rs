@@ -29,7 +29,8 @@ the API still sees it), pdb-blocks (a PDB on a pod of the node never allows), sl
 answer comes after [deadlines] api + 1 s), unconfirmed (after its deploy the admin box cannot\n\
 reach the node), worker-restarts-early (the worker's k3s restarts as soon as a server switches),\n\
 etcd-down (a controller's etcd member is stopped), etcd-snapshot-fails (a controller's etcd snapshots\n\
-cannot be written).";
+cannot be written), sole-replica (a Longhorn volume's only healthy replica is the node's),\n\
+other-subnet (the node's InternalIP moves to 192.0.2.0/24, a second address on its eth0).";
 
 fn fault_arg(s: &str) -> Result<(String, Fault), String> {
     let (n, k) = node_pair(s)?;

@@ -1,11 +1,15 @@
-//! Network interfaces and routes, read over rtnetlink: what of Flannel is
-//! still plumbed in, and has Cilium created its devices yet?
+//! Network interfaces, addresses and routes, read over rtnetlink: what of
+//! Flannel is still plumbed in, has Cilium created its devices yet, and the
+//! links with their MTUs and addresses (the coordinator's `values check`
+//! needs them: the interface Cilium takes its MTU from, whether nodes share an
+//! L2 subnet, Flannel's VXLAN port).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::RouteMessageBuilder;
 use serde::{Deserialize, Serialize};
@@ -44,6 +48,31 @@ pub struct NetworkFacts {
     pub cilium_interfaces: BTreeMap<String, Interface>,
     /// Routes whose output device is a Flannel interface, as `dst dev`.
     pub flannel_routes: Vec<String>,
+    /// Every link but the pod veths on `cni0`: name, MTU, addresses (`ADDR/LEN`),
+    /// and a VXLAN device's UDP port. (New in the report: absent from older agents.)
+    #[serde(default)]
+    pub links: Vec<Link>,
+    /// The link of the IPv4 default route, if there is one.
+    #[serde(default)]
+    pub default_route: Option<String>,
+}
+
+/// One link as the values check reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    pub kind: Option<String>,
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub up: bool,
+    /// `198.18.2.1/24`, `fe80::1/64`: the interface's own addresses with
+    /// their prefix lengths (IFA_LOCAL where the kernel gives one).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// IFLA_VXLAN_PORT of a `vxlan` link (Flannel's is 8472 by default).
+    #[serde(default)]
+    pub vxlan_port: Option<u16>,
 }
 
 /// Dumps links and routes of the network namespace this process is in.
@@ -61,7 +90,11 @@ pub fn probe() -> NetworkFacts {
         }
     };
     match rt.block_on(dump()) {
-        Ok((links, routes)) => from_messages(&links, &routes),
+        Ok((links, routes, addresses)) => {
+            let mut f = from_messages(&links, &routes);
+            add_links(&mut f, &links, &routes, &addresses);
+            f
+        }
         Err(e) => NetworkFacts {
             not_probed: Some(format!("rtnetlink dump failed: {e}")),
             ..Default::default()
@@ -69,7 +102,9 @@ pub fn probe() -> NetworkFacts {
     }
 }
 
-async fn dump() -> Result<(Vec<LinkMessage>, Vec<RouteMessage>), String> {
+type Dump = (Vec<LinkMessage>, Vec<RouteMessage>, Vec<AddressMessage>);
+
+async fn dump() -> Result<Dump, String> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
     let task = tokio::spawn(conn);
     let links: Vec<LinkMessage> = handle
@@ -96,8 +131,94 @@ async fn dump() -> Result<(Vec<LinkMessage>, Vec<RouteMessage>), String> {
     {
         routes.extend(v6);
     }
+    let addresses: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| e.to_string())?;
     task.abort();
-    Ok((links, routes))
+    Ok((links, routes, addresses))
+}
+
+/// Adds every link (but `cni0`'s pod veths) with its MTU, addresses and
+/// VXLAN port, and the IPv4 default route's link (pure, tested without a kernel).
+pub fn add_links(
+    facts: &mut NetworkFacts,
+    links: &[LinkMessage],
+    routes: &[RouteMessage],
+    addresses: &[AddressMessage],
+) {
+    let mut out: Vec<Link> = vec![];
+    for msg in links {
+        let mut l = Link {
+            index: msg.header.index,
+            up: msg
+                .header
+                .flags
+                .contains(rtnetlink::packet_route::link::LinkFlags::Up),
+            ..Default::default()
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => l.name = n.clone(),
+                LinkAttribute::Mtu(m) => l.mtu = Some(*m),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        match i {
+                            LinkInfo::Kind(k) => l.kind = Some(k.to_string()),
+                            LinkInfo::Data(InfoData::Vxlan(v)) => {
+                                l.vxlan_port = v.iter().find_map(|x| match x {
+                                    InfoVxlan::Port(p) => Some(*p),
+                                    _ => None,
+                                })
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if l.name.is_empty() || facts.cni0_members.contains(&l.name) {
+            continue;
+        }
+        out.push(l);
+    }
+    for a in addresses {
+        let mut local = None;
+        let mut address = None;
+        for attr in &a.attributes {
+            match attr {
+                AddressAttribute::Local(ip) => local = Some(*ip),
+                AddressAttribute::Address(ip) => address = Some(*ip),
+                _ => {}
+            }
+        }
+        let Some(ip) = local.or(address) else {
+            continue;
+        };
+        if let Some(l) = out.iter_mut().find(|l| l.index == a.header.index) {
+            l.addresses.push(format!("{ip}/{}", a.header.prefix_len));
+        }
+    }
+    facts.default_route = routes
+        .iter()
+        .filter(|r| {
+            r.header.destination_prefix_length == 0
+                && r.header.address_family == rtnetlink::packet_route::AddressFamily::Inet
+                && r.header.table == 254
+        })
+        .find_map(|r| {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => {
+                    out.iter().find(|l| l.index == *i).map(|l| l.name.clone())
+                }
+                _ => None,
+            })
+        });
+    facts.links = out;
 }
 
 /// Turns raw netlink messages into facts (pure, so it is tested without a kernel).

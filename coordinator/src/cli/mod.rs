@@ -12,6 +12,7 @@ use cnishift::inventory::{Inventory, Load};
 use cnishift::kube::{Kube, KubeError, KubeOptions};
 
 pub mod arm;
+pub mod backup;
 pub mod certs;
 pub mod cleanup;
 pub mod cluster;
@@ -20,6 +21,7 @@ pub mod lock;
 pub mod migrate;
 pub mod node;
 pub mod preflight;
+pub mod values;
 
 /// Exit codes (also in the README).
 pub const EXIT_OK: u8 = 0;

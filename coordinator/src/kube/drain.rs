@@ -57,6 +57,10 @@ pub enum DrainError {
         after: Duration,
         blocked: Vec<Blocked>,
     },
+    /// The storage gate ([`crate::migrate::storage`]): a Longhorn volume
+    /// with no healthy replica off the node, or a volume pinned to it.
+    #[error("drain of {node} refused before evicting anything: {}", .reasons.join("; "))]
+    Storage { node: String, reasons: Vec<String> },
     #[error("drain of {node}: evicting {pod} failed: {error}")]
     Failed {
         node: String,

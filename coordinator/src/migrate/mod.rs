@@ -10,3 +10,4 @@ pub mod live;
 pub mod plan;
 pub mod run;
 pub mod steps;
+pub mod storage;

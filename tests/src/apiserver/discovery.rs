@@ -17,10 +17,41 @@ pub(crate) async fn api_versions() -> Response {
     )
 }
 
-pub(crate) async fn api_groups() -> Response {
-    let group = |name: &str| json!({"name": name, "versions": [{"groupVersion": format!("{name}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{name}/v1"), "version": "v1"}});
+/// The API groups: the built-in ones served, and the group of every
+/// installed CustomResourceDefinition.
+pub(crate) async fn api_groups(State(api): State<ApiServer>) -> Response {
+    let group = |name: &str, v: &str| json!({"name": name, "versions": [{"groupVersion": format!("{name}/{v}"), "version": v}], "preferredVersion": {"groupVersion": format!("{name}/{v}"), "version": v}});
+    let mut groups: Vec<Value> = [
+        "apps",
+        "policy",
+        "coordination.k8s.io",
+        "events.k8s.io",
+        "networking.k8s.io",
+        "apiextensions.k8s.io",
+    ]
+    .iter()
+    .map(|g| group(g, "v1"))
+    .collect();
+    let store = api.store.lock().expect("store");
+    for (g, v) in super::custom::custom_groups(&store) {
+        groups.push(group(&g, &v));
+    }
+    json_response(&json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+}
+
+pub(crate) async fn networking_resources() -> Response {
     json_response(
-        &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group("apps"), group("policy"), group("coordination.k8s.io"), group("events.k8s.io")]}),
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "networking.k8s.io/v1", "resources": [
+            resource("networkpolicies", "networkpolicy", true, "NetworkPolicy", &["get", "list", "watch"], &["netpol"]),
+        ]}),
+    )
+}
+
+pub(crate) async fn apiextensions_resources() -> Response {
+    json_response(
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apiextensions.k8s.io/v1", "resources": [
+            resource("customresourcedefinitions", "customresourcedefinition", false, "CustomResourceDefinition", &["get", "list", "watch"], &["crd", "crds"]),
+        ]}),
     )
 }
 
@@ -45,6 +76,8 @@ pub(crate) async fn core_resources() -> Response {
             resource("events", "event", true, "Event", &["list", "watch"], &["ev"]),
             resource("pods", "pod", true, "Pod", &["delete", "get", "list", "watch"], &["po"]),
             resource("persistentvolumeclaims", "persistentvolumeclaim", true, "PersistentVolumeClaim", &["get", "list", "watch"], &["pvc"]),
+            resource("persistentvolumes", "persistentvolume", false, "PersistentVolume", &["get", "list", "watch"], &["pv"]),
+            resource("configmaps", "configmap", true, "ConfigMap", &["get", "list", "watch"], &["cm"]),
             // kubectl drain finds the Eviction API here.
             {"name": "pods/eviction", "singularName": "", "namespaced": true, "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]},
         ],

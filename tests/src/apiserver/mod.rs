@@ -9,7 +9,11 @@
 //! Deployments (a ReplicaSet and its pods), coordination.k8s.io Leases with
 //! resourceVersion conflicts (409), events.k8s.io/v1 Events (also served as
 //! core/v1 Events, as a real server does, so `kubectl describe node` shows
-//! them), and Status errors with the reasons a real server sends.
+//! them), PersistentVolumes and PersistentVolumeClaims, ConfigMaps,
+//! networking.k8s.io/v1 NetworkPolicies, CustomResourceDefinitions and the
+//! custom resources of the installed ones (Longhorn's volumes and replicas,
+//! with their CRDs' printer columns), and Status errors with the reasons a
+//! real server sends.
 //!
 //! The lab drives node and pod readiness through [`ApiServer::set_node_ready`]
 //! and [`ApiServer::set_pod_ready`]; the server itself has no timers. Faults
@@ -35,8 +39,10 @@ use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
+mod custom;
 mod discovery;
 mod faults;
+mod longhorn;
 mod objects;
 mod patch;
 mod read;
@@ -46,9 +52,11 @@ mod watch;
 mod workload;
 mod write;
 
+use custom::*;
 use discovery::*;
 pub use faults::Faults;
 use faults::*;
+pub use longhorn::LONGHORN_NS;
 use objects::*;
 pub use objects::{node_object, Owner, Pod};
 use patch::*;
@@ -103,6 +111,67 @@ impl ApiServer {
             .route("/apis/policy/v1", get(policy_resources))
             .route("/apis/coordination.k8s.io/v1", get(coordination_resources))
             .route("/apis/events.k8s.io/v1", get(events_resources))
+            .route("/apis/networking.k8s.io/v1", get(networking_resources))
+            .route(
+                "/apis/apiextensions.k8s.io/v1",
+                get(apiextensions_resources),
+            )
+            .route(
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                get(list_all::<CRDS>),
+            )
+            .route(
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}",
+                get(get_cluster::<CRDS>),
+            )
+            .route(
+                "/apis/networking.k8s.io/v1/networkpolicies",
+                get(list_all::<NETPOLS>),
+            )
+            .route(
+                "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+                get(list_in::<NETPOLS>),
+            )
+            .route(
+                "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/{name}",
+                get(get_in::<NETPOLS>),
+            )
+            .route("/api/v1/persistentvolumes", get(list_all::<PVS>))
+            .route("/api/v1/persistentvolumes/{name}", get(get_cluster::<PVS>))
+            .route("/api/v1/configmaps", get(list_all::<CONFIGMAPS>))
+            .route(
+                "/api/v1/namespaces/{ns}/configmaps",
+                get(list_in::<CONFIGMAPS>),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/configmaps/{name}",
+                get(get_in::<CONFIGMAPS>),
+            )
+            .route("/apis/{group}/{version}", get(custom_resources))
+            .route(
+                "/apis/longhorn.io/v1beta2/volumes",
+                get(custom_list_all::<LH_VOLUMES>),
+            )
+            .route(
+                "/apis/longhorn.io/v1beta2/namespaces/{ns}/volumes",
+                get(custom_list_in::<LH_VOLUMES>),
+            )
+            .route(
+                "/apis/longhorn.io/v1beta2/namespaces/{ns}/volumes/{name}",
+                get(custom_get::<LH_VOLUMES>),
+            )
+            .route(
+                "/apis/longhorn.io/v1beta2/replicas",
+                get(custom_list_all::<LH_REPLICAS>),
+            )
+            .route(
+                "/apis/longhorn.io/v1beta2/namespaces/{ns}/replicas",
+                get(custom_list_in::<LH_REPLICAS>),
+            )
+            .route(
+                "/apis/longhorn.io/v1beta2/namespaces/{ns}/replicas/{name}",
+                get(custom_get::<LH_REPLICAS>),
+            )
             .route("/apis/apps/v1/daemonsets", get(list_all::<DAEMONSETS>))
             .route(
                 "/apis/apps/v1/namespaces/{ns}/daemonsets",
@@ -164,6 +233,7 @@ impl ApiServer {
             .route("/api/v1/nodes", get(list_all::<NODES>))
             .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
             .route("/api/v1/namespaces", get(list_all::<NAMESPACES>))
+            .route("/api/v1/namespaces/{name}", get(get_cluster::<NAMESPACES>))
             .route("/api/v1/pods", get(list_all::<PODS>))
             .route("/api/v1/namespaces/{ns}/pods", get(list_in::<PODS>))
             .route(

@@ -154,6 +154,14 @@ pub(crate) async fn get_in<const R: usize>(
     get_namespaced(&api, RESOURCES[R], &ns, &name)
 }
 
+/// A cluster-scoped object (PersistentVolumes, CustomResourceDefinitions).
+pub(crate) async fn get_cluster<const R: usize>(
+    State(api): State<ApiServer>,
+    Path(name): Path<String>,
+) -> Response {
+    get_namespaced(&api, RESOURCES[R], "", &name)
+}
+
 /// An events.k8s.io/v1 Event as the core/v1 API shows the same object.
 pub(crate) fn core_event(e: &Value) -> Value {
     let time = e["eventTime"].clone();

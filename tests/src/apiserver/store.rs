@@ -131,7 +131,7 @@ pub(crate) fn now_rfc3339() -> String {
 
 /// The resources served by the generic list/watch/get handlers, by index
 /// (their kinds and apiVersions come from [`type_of`]).
-pub(crate) const RESOURCES: [&str; 11] = [
+pub(crate) const RESOURCES: [&str; 17] = [
     "nodes",
     "namespaces",
     "pods",
@@ -143,6 +143,12 @@ pub(crate) const RESOURCES: [&str; 11] = [
     "events",
     "statefulsets",
     "persistentvolumeclaims",
+    "persistentvolumes",
+    "configmaps",
+    "networkpolicies",
+    "customresourcedefinitions",
+    "volumes.longhorn.io",
+    "replicas.longhorn.io",
 ];
 pub(crate) const NODES: usize = 0;
 pub(crate) const NAMESPACES: usize = 1;
@@ -155,6 +161,12 @@ pub(crate) const LEASES: usize = 7;
 pub(crate) const EVENTS: usize = 8;
 pub(crate) const STATEFULSETS: usize = 9;
 pub(crate) const PVCS: usize = 10;
+pub(crate) const PVS: usize = 11;
+pub(crate) const CONFIGMAPS: usize = 12;
+pub(crate) const NETPOLS: usize = 13;
+pub(crate) const CRDS: usize = 14;
+pub(crate) const LH_VOLUMES: usize = 15;
+pub(crate) const LH_REPLICAS: usize = 16;
 
 /// (kind, apiVersion) of a resource's objects.
 pub(crate) fn type_of(resource: &str) -> (&'static str, &'static str) {
@@ -168,6 +180,12 @@ pub(crate) fn type_of(resource: &str) -> (&'static str, &'static str) {
         "replicasets" => ("ReplicaSet", "apps/v1"),
         "statefulsets" => ("StatefulSet", "apps/v1"),
         "persistentvolumeclaims" => ("PersistentVolumeClaim", "v1"),
+        "persistentvolumes" => ("PersistentVolume", "v1"),
+        "configmaps" => ("ConfigMap", "v1"),
+        "networkpolicies" => ("NetworkPolicy", "networking.k8s.io/v1"),
+        "customresourcedefinitions" => ("CustomResourceDefinition", "apiextensions.k8s.io/v1"),
+        "volumes.longhorn.io" => ("Volume", "longhorn.io/v1beta2"),
+        "replicas.longhorn.io" => ("Replica", "longhorn.io/v1beta2"),
         "leases" => ("Lease", "coordination.k8s.io/v1"),
         "events" => ("Event", "events.k8s.io/v1"),
         _ => ("Unknown", "v1"),

@@ -308,6 +308,17 @@ impl ApiServer {
         self.commit(&mut store, "MODIFIED", "nodes", node);
     }
 
+    /// The node's InternalIP as the kubelet reports it.
+    pub fn set_node_internal_ip(&self, name: &str, ip: &str) {
+        let mut store = self.store.lock().expect("store");
+        let Some(mut node) = store.get("nodes", "", name).cloned() else {
+            return;
+        };
+        node["status"]["addresses"] =
+            json!([{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]);
+        self.commit(&mut store, "MODIFIED", "nodes", node);
+    }
+
     /// The kubelet's Ready condition with its reason and message; nothing is
     /// written when it already says so (a real kubelet only heartbeats).
     pub fn set_node_condition(&self, name: &str, ready: bool, reason: &str, message: &str) {
@@ -425,6 +436,7 @@ impl ApiServer {
             json!({"k8s-app": "cilium"}),
             cilium_selector,
         );
+        let mut vaultwarden_pods = vec![];
         for (ns, name, replicas) in [
             ("kube-system", "coredns", 1),
             ("argocd", "argocd-server", 2),
@@ -432,7 +444,10 @@ impl ApiServer {
             ("vaultwarden", "vaultwarden", 2),
             ("longhorn-system", "longhorn-ui", 2),
         ] {
-            self.add_deployment(ns, name, l(name), replicas, spread);
+            let pods = self.add_deployment(ns, name, l(name), replicas, spread);
+            if name == "vaultwarden" {
+                vaultwarden_pods = pods;
+            }
         }
         // Installed with Cilium's Helm chart before the first node moves; a
         // Deployment, so it is not limited to migrated nodes.
@@ -444,6 +459,8 @@ impl ApiServer {
             spread,
         );
         self.add_statefulset("database", "postgres", l("postgres"), 1, spread);
+        self.add_seed_storage(&all, &workers, spread, &vaultwarden_pods);
+        self.add_seed_config(cilium_ns);
         self.add_pdb("argocd", "argocd-server", l("argocd-server"), Some(1), None);
         self.add_pdb(
             "ingress-nginx",
@@ -499,6 +516,118 @@ impl ApiServer {
 }
 
 impl ApiServer {
+    /// Stores `object` (of a resource the server serves) as its controller
+    /// or an admin would have created it; its namespace is created if new.
+    pub fn add_object(&self, resource: &'static str, mut object: Value) {
+        let mut store = self.store.lock().expect("store");
+        if let Some(ns) = object["metadata"]["namespace"].as_str().map(String::from) {
+            self.ensure_namespace(&mut store, &ns);
+        }
+        let (kind, api_version) = type_of(resource);
+        object["kind"] = json!(kind);
+        object["apiVersion"] = json!(api_version);
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if object["metadata"].get("uid").is_none() {
+            object["metadata"]["uid"] = json!(uid(&format!("{resource}/{name}")));
+        }
+        if object["metadata"].get("creationTimestamp").is_none() {
+            object["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+        }
+        self.commit(&mut store, "ADDED", resource, object);
+    }
+
+    /// The seed's Longhorn: postgres's claim and vaultwarden's (RWX, for its two
+    /// pods), each a Longhorn volume with up to three healthy replicas spread
+    /// over the nodes, workers first, as Longhorn's scheduler places them.
+    fn add_seed_storage(
+        &self,
+        all: &[&str],
+        workers: &[&str],
+        spread: &[&str],
+        vaultwarden_pods: &[String],
+    ) {
+        let mut order: Vec<&str> = workers.to_vec();
+        order.extend(all.iter().filter(|n| !workers.contains(n)));
+        let n = order.len().min(3);
+        let pick = |offset: usize| -> Vec<&str> {
+            (0..n).map(|i| order[(i + offset) % order.len()]).collect()
+        };
+        let pg_claim = "data-postgres-0";
+        let pg_pv = format!("pvc-{}", uid(&format!("pv/database/{pg_claim}")));
+        self.add_longhorn_volume(
+            &pg_pv,
+            ("database", pg_claim),
+            ("postgres-0", "postgres", "StatefulSet"),
+            spread[0],
+            &pick(0),
+        );
+        let vw_claim = "vaultwarden-data";
+        let vw_pv = format!("pvc-{}", uid(&format!("pv/vaultwarden/{vw_claim}")));
+        {
+            let mut store = self.store.lock().expect("store");
+            let labels = json!({"app.kubernetes.io/name": "vaultwarden"});
+            let pvc = json!({"kind": "PersistentVolumeClaim", "apiVersion": "v1",
+                "metadata": {"name": vw_claim, "namespace": "vaultwarden", "uid": uid(&format!("pvc/vaultwarden/{vw_claim}")), "creationTimestamp": now_rfc3339(), "labels": labels},
+                "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "longhorn", "resources": {"requests": {"storage": "10Gi"}}, "volumeName": vw_pv},
+                "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"], "capacity": {"storage": "10Gi"}}});
+            self.commit(&mut store, "ADDED", "persistentvolumeclaims", pvc);
+            self.commit(
+                &mut store,
+                "ADDED",
+                "persistentvolumes",
+                super::longhorn::longhorn_pv(&vw_pv, "vaultwarden", vw_claim, true),
+            );
+        }
+        let vw_pod = vaultwarden_pods
+            .first()
+            .map(String::as_str)
+            .unwrap_or("vaultwarden");
+        let vw_node = self
+            .pod("vaultwarden", vw_pod)
+            .and_then(|p| p["spec"]["nodeName"].as_str().map(String::from))
+            .unwrap_or_else(|| spread[0].to_string());
+        let rs = vw_pod
+            .rsplit_once('-')
+            .map(|(rs, _)| rs.to_string())
+            .unwrap_or_default();
+        self.add_longhorn_volume(
+            &vw_pv,
+            ("vaultwarden", vw_claim),
+            (vw_pod, &rs, "ReplicaSet"),
+            &vw_node,
+            &pick(1),
+        );
+    }
+
+    /// The ConfigMaps and NetworkPolicies of the seed: Cilium's Helm-made
+    /// cilium-config, CoreDNS's, and the runbook's two NetworkPolicies.
+    fn add_seed_config(&self, cilium_ns: &str) {
+        let helm = json!({"meta.helm.sh/release-name": "cilium", "meta.helm.sh/release-namespace": cilium_ns});
+        self.add_object("configmaps", json!({
+            "metadata": {"name": "cilium-config", "namespace": cilium_ns, "labels": {"app.kubernetes.io/managed-by": "Helm"}, "annotations": helm},
+            "data": {"routing-mode": "native", "ipam": "kubernetes", "auto-direct-node-routes": "true",
+                     "ipv4-native-routing-cidr": "10.0.0.0/8", "kube-proxy-replacement": "false", "enable-bpf-masquerade": "true",
+                     "cni-exclusive": "true", "enable-hubble": "true", "cluster-name": "default", "tunnel-protocol": "vxlan"}}));
+        self.add_object("configmaps", json!({
+            "metadata": {"name": "coredns", "namespace": "kube-system", "labels": {"objectset.rio.cattle.io/hash": "bce283298811743a0386ab510f2f67ef74240c57"}},
+            "data": {"Corefile": ".:53 {\n    errors\n    health\n    ready\n    kubernetes cluster.local in-addr.arpa ip6.arpa {\n      pods insecure\n      fallthrough in-addr.arpa ip6.arpa\n    }\n    forward . /etc/resolv.conf\n    cache 30\n}\n", "NodeHosts": "10.1.0.11 opi01\n"}}));
+        self.add_object("networkpolicies", json!({
+            "metadata": {"name": "marmithon-egress", "namespace": "irc", "labels": {"app.kubernetes.io/name": "marmithon"},
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}, "generation": 1},
+            "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "marmithon"}}, "policyTypes": ["Egress"],
+                     "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "192.168.0.0/16"]}}]},
+                                {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                                 "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}}));
+        self.add_object("networkpolicies", json!({
+            "metadata": {"name": "vaultwarden", "namespace": "vaultwarden", "labels": {"app.kubernetes.io/name": "vaultwarden"}},
+            "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "vaultwarden"}}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+                                  "ports": [{"protocol": "TCP", "port": 80}]}]}}));
+    }
+
     /// Deletes an object as its owner's controller (or an admin) would; a
     /// ReplicaSet's pod gets its replacement as with any deletion.
     pub fn remove_object(&self, resource: &'static str, ns: &str, name: &str) -> bool {
@@ -543,6 +672,13 @@ impl ApiServer {
                     "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "longhorn", "resources": {"requests": {"storage": "10Gi"}}, "volumeName": format!("pvc-{}", uid(&format!("pv/{ns}/{claim}")))},
                     "status": {"phase": "Bound", "accessModes": ["ReadWriteOnce"], "capacity": {"storage": "10Gi"}}});
                 self.commit(&mut store, "ADDED", "persistentvolumeclaims", pvc);
+                let pv = format!("pvc-{}", uid(&format!("pv/{ns}/{claim}")));
+                self.commit(
+                    &mut store,
+                    "ADDED",
+                    "persistentvolumes",
+                    super::longhorn::longhorn_pv(&pv, ns, &claim, false),
+                );
             }
         }
         for i in 0..replicas {

@@ -69,8 +69,61 @@ impl Lab {
                     self.api.remove_object("poddisruptionbudgets", ns, &name);
                 }
             }
+            Fault::SoleReplica => {
+                let vol = self.sole_replica_volume(node)?;
+                if on {
+                    self.api
+                        .longhorn_sole_replica(&vol, node)
+                        .map_err(anyhow::Error::msg)?;
+                } else {
+                    self.api.longhorn_rebuilt(&vol);
+                }
+            }
+            Fault::OtherSubnet => {
+                let other = format!("192.0.2.{}", i + 1);
+                let ns = self.nodes[i].rec.netns.clone();
+                let verb = if on { "add" } else { "del" };
+                let r = labnet::ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    verb,
+                    &format!("{other}/24"),
+                    "dev",
+                    "eth0",
+                ]);
+                if on {
+                    r?;
+                }
+                let ip = if on {
+                    other
+                } else {
+                    self.nodes[i].rec.address.to_string()
+                };
+                self.api.set_node_internal_ip(node, &ip);
+            }
             _ => {}
         }
         Ok(())
+    }
+
+    /// The Longhorn volume `sole-replica` acts on for `node`: postgres's when
+    /// it has a replica there, else vaultwarden's.
+    fn sole_replica_volume(&self, node: &str) -> Result<String> {
+        for (ns, claim) in [
+            ("database", "data-postgres-0"),
+            ("vaultwarden", "vaultwarden-data"),
+        ] {
+            if let Some(v) = self.api.longhorn_volume_of(ns, claim) {
+                let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
+                let on_node = self.api.list("replicas.longhorn.io").iter().any(|r| {
+                    r["spec"]["volumeName"] == name.as_str() && r["spec"]["nodeID"] == node
+                });
+                if on_node {
+                    return Ok(name);
+                }
+            }
+        }
+        bail!("no seed Longhorn volume has a replica on {node}")
     }
 }

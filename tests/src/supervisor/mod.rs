@@ -83,9 +83,15 @@ pub enum Fault {
     /// The controller's etcd snapshots cannot be written (its snapshot
     /// directory is a file): `etcdctl snapshot save` fails.
     EtcdSnapshotFails,
+    /// A Longhorn volume's only healthy replica is the one on the node (the
+    /// postgres volume's, else vaultwarden's): the others failed.
+    SoleReplica,
+    /// The node registers with an InternalIP on another subnet (192.0.2.0/24,
+    /// a second address on its eth0), as a node behind a router would.
+    OtherSubnet,
 }
 
-pub const FAULT_KINDS: &str = "hook-fails, hook-hangs, never-ready, cilium-crashloop, agent-down, partition, pdb-blocks, slow-api, unconfirmed, worker-restarts-early, etcd-down, etcd-snapshot-fails";
+pub const FAULT_KINDS: &str = "hook-fails, hook-hangs, never-ready, cilium-crashloop, agent-down, partition, pdb-blocks, slow-api, unconfirmed, worker-restarts-early, etcd-down, etcd-snapshot-fails, sole-replica, other-subnet";
 
 impl std::str::FromStr for Fault {
     type Err = String;
