@@ -919,15 +919,6 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                 Some(deadline),
                 String::new(),
             );
-            self.ctx
-                .cluster
-                .record(
-                    &n.name,
-                    &format!("{}-started", step.name()),
-                    true,
-                    &format!("cnishift migrate: {} started", step.name()),
-                )
-                .await;
         }
         // A hook enforces its own deadline (and kills its process group);
         // the step's, a little later, is the backstop.
@@ -939,12 +930,24 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
         let started = Instant::now();
         let results = {
             let ctx = &self.ctx;
-            futures::future::join_all(
+            // The "started" Event on each Node is recorded while the step
+            // runs (it is a record of the step having begun, not a
+            // precondition of it), and before its outcome's Event.
+            let (what, note) = (
+                format!("{}-started", step.name()),
+                format!("cnishift migrate: {} started", step.name()),
+            );
+            let started_events = futures::future::join_all(
+                nodes
+                    .iter()
+                    .map(|n| ctx.cluster.record(&n.name, &what, true, &note)),
+            );
+            let steps = futures::future::join_all(
                 nodes
                     .iter()
                     .map(|n| within(deadline, grace, step.name(), ctx.step(n, step, &unfinished))),
-            )
-            .await
+            );
+            futures::future::join(steps, started_events).await.0
         };
         let elapsed = started.elapsed();
         let mut first_failure = None;
@@ -1156,8 +1159,12 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                     continue;
                 }
                 self.boundary(step.name()).await?;
-                if let Some(w) = self.watch(&waiting).await {
-                    return Err(self.halt_stranded(&w, &pending, step).await);
+                // Done has no side effect, and the next wave's first
+                // boundary comes right after it: no watch round for it.
+                if step != Step::Done {
+                    if let Some(w) = self.watch(&waiting).await {
+                        return Err(self.halt_stranded(&w, &pending, step).await);
+                    }
                 }
                 if step == Step::Label {
                     self.cilium_install_once(&todo[0]).await?;
