@@ -476,8 +476,13 @@ fn armed_fault(kind: &str, step: &str, cause_says: &[&str]) -> Up {
         halted.starts_with(&format!("cnishift: halted at w-1, step {step}: ")),
         "{halted}"
     );
+    // The aftermath line reports the agent's rollback of w-1 (in whatever
+    // words: what its k3s came back on is `migrate`'s to say).
+    let aftermath = halted.lines().nth(1).unwrap_or_default();
     assert!(
-        halted.contains("\n  w-1 was rolled back to Flannel by its agent: "),
+        aftermath.starts_with("  w-1")
+            && aftermath.contains("agent")
+            && aftermath.contains("rolled"),
         "{halted}"
     );
     assert!(
