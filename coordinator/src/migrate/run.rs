@@ -2354,6 +2354,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let inv = inventory("", "true");
             let mut fake = Fake::default();
+            *fake.etcd_members.lock().unwrap() = crate::migrate::etcd::controllers(&inv.nodes);
             if let Some(f) = fail {
                 fake.fail.insert(f.into(), "cilium_host is down".into());
             }
