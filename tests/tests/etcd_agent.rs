@@ -239,7 +239,7 @@ fn the_agent_checks_its_member_as_etcdctl_does_and_says_which_certificate_worked
     let (v, m) = check(&r, "etcd.health");
     assert_eq!(v, "fail");
     assert!(
-        m.contains("server-client.crt: transport error: invalid peer certificate: UnknownIssuer (the member's serving certificate is not signed by /var/lib/rancher/k3s/server/tls/etcd/server-ca.crt)"),
+        m.contains("transport error: invalid peer certificate: UnknownIssuer (the member's serving certificate is not signed by /var/lib/rancher/k3s/server/tls/etcd/server-ca.crt) (with each client certificate: /var/lib/rancher/k3s/server/tls/etcd/server-client.crt, /var/lib/rancher/k3s/server/tls/etcd/client.crt)"),
         "{m}"
     );
     fs::copy(
