@@ -155,6 +155,8 @@ fn main() {
         .iter()
         .filter(|l| l.contains("\"node\":\"w-1\"") && l.contains("\"step\":\"deploy\""))
         .count();
+    // Down before any exit below (process::exit runs no Drop).
+    drop(small);
 
     println!(
         "migrate, 9 seed nodes: wall {:.1} s; per node {:.2}..{:.2} s",
