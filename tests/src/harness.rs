@@ -284,7 +284,8 @@ pub fn boundary(rec: &Value) -> String {
 
 /// Every record a clean, uninterrupted `migrate` of this inventory writes,
 /// as [`boundary`] names them, from `cnishift plan -o json`: the header, an
-/// intent and a done per step per node in plan order, then the cluster steps.
+/// intent and a done per step per node in plan order (the etcd snapshot
+/// after the first controller's Preflight), then the cluster steps.
 pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
     let o = Command::new(cnishift_bin())
         .args(["plan", "-o", "json", "-i"])
@@ -300,7 +301,7 @@ pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
         .map(|s| s["step"].as_str().unwrap())
         .collect();
     let mut out = vec!["header".to_string()];
-    for wave in p["waves"].as_array().unwrap() {
+    for (w, wave) in p["waves"].as_array().unwrap().iter().enumerate() {
         let nodes: Vec<&str> = wave["nodes"]
             .as_array()
             .unwrap()
@@ -312,6 +313,12 @@ pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
                 for n in &nodes {
                     out.push(format!("{kind} {n} {step}"));
                 }
+            }
+            // The etcd snapshot: a cluster step after the first controller's
+            // Preflight, before anything is cordoned (`plan` does not list it).
+            if w == 0 && *step == "preflight" && wave["role"] == "controller" {
+                out.push("intent cluster etcd-snapshot".into());
+                out.push("done cluster etcd-snapshot".into());
             }
         }
     }

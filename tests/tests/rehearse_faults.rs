@@ -564,6 +564,9 @@ fn every_fault_kind_is_covered_by_a_test() {
         "cilium-crashloop",
     ];
     let in_lab_migrate_faults = ["unconfirmed", "hook-fails", "worker-restarts-early"];
+    // The safety gates' own faults, tested with their gates.
+    let in_lab_etcd = ["etcd-down", "etcd-snapshot-fails"];
+    let in_lab_values = ["other-subnet", "sole-replica"];
     let o = Command::new(lab_bin())
         .args(["fault", "--help"])
         .output()
@@ -571,7 +574,13 @@ fn every_fault_kind_is_covered_by_a_test() {
     let help = String::from_utf8_lossy(&o.stdout);
     let mut kinds: Vec<&str> = cnishift_lab::supervisor::FAULT_KINDS.split(", ").collect();
     kinds.sort();
-    let mut covered: Vec<&str> = here.iter().chain(&in_lab_migrate_faults).copied().collect();
+    let mut covered: Vec<&str> = here
+        .iter()
+        .chain(&in_lab_migrate_faults)
+        .chain(&in_lab_etcd)
+        .chain(&in_lab_values)
+        .copied()
+        .collect();
     covered.sort();
     assert_eq!(kinds, covered);
     for k in kinds {
