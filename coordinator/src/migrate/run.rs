@@ -118,8 +118,13 @@ pub struct Ctx<'a, C, A> {
     pub run: String,
 }
 
-/// How much later than a hook's own deadline its step gives up on it.
-const HOOK_GRACE: Duration = Duration::from_secs(2);
+/// How much later than its own deadline a step gives up on its work. What a
+/// step does enforces its own deadlines (a hook kills its process group, an
+/// API call gives up after `[deadlines] api`, the Cilium and Ready waits end
+/// at theirs) and says why; the step's timer, a little later, is only the
+/// backstop, so that the inner cause — "no answer from the API server within
+/// 2s", "w-1 not Ready within 4s" — is the one reported, not the step's.
+const STEP_GRACE: Duration = Duration::from_secs(2);
 
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
@@ -608,7 +613,15 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
     async fn aftermath(&mut self, node: &Node, step: Step) -> String {
         let armed = step.armed() || step == Step::Confirm;
         if !armed {
-            return format!("{} stays cordoned", node.name);
+            // Only a node whose cordon is done (or failed, and may have
+            // landed) is said to stay cordoned: a Preflight halt leaves it
+            // as it was.
+            let cordon_tried = step >= Step::Cordon || self.done(node, Step::Cordon.name());
+            return if cordon_tried {
+                format!("{} stays cordoned", node.name)
+            } else {
+                format!("{} is untouched: it was not cordoned", node.name)
+            };
         }
         let run = self.ctx.run.clone();
         if self.ctx.opts.no_auto_rollback {
@@ -920,12 +933,7 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                 String::new(),
             );
         }
-        // A hook enforces its own deadline (and kills its process group);
-        // the step's, a little later, is the backstop.
-        let grace = match step {
-            Step::Deploy | Step::Verify => HOOK_GRACE,
-            _ => Duration::ZERO,
-        };
+        let grace = STEP_GRACE;
         let unfinished = self.unfinished();
         let started = Instant::now();
         let results = {
