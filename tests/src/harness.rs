@@ -300,6 +300,14 @@ pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
         .map(|s| s["step"].as_str().unwrap())
         .collect();
     let mut out = vec!["header".to_string()];
+    // migrate's run-wide steps before the first node (cnishift::migrate::prerun):
+    // the values gate's record when [cilium] values is set, then the backup.
+    let inv: toml::Table = toml::from_str(&std::fs::read_to_string(cluster_toml).unwrap()).unwrap();
+    if inv.get("cilium").and_then(|c| c.get("values")).is_some() {
+        out.push("done cluster values".into());
+    }
+    out.push("intent cluster backup".into());
+    out.push("done cluster backup".into());
     for wave in p["waves"].as_array().unwrap() {
         let nodes: Vec<&str> = wave["nodes"]
             .as_array()
