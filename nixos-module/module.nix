@@ -1,7 +1,9 @@
 # NixOS module for cnishift.
 #
 #   services.cnishift-agent                    runs the agent (mutual-TLS gRPC) as a
-#                                              hardened systemd service
+#                                              hardened systemd service, with its
+#                                              dead-man rollback and its etcd snapshot
+#                                              in units of their own
 #   services.cnishift.ciliumPrerequisites      the runbook's Phase 2 as one switch:
 #                                              modules, sysctls, bpffs, k3s flags
 { config, lib, pkgs, ... }:
@@ -34,6 +36,8 @@ let
     cfg.coordinatorIdentity
     "--state-dir"
     cfg.stateDir
+    "--etcd-snapshot-timeout"
+    "${toString cfg.etcdSnapshot.timeout}s"
   ] ++ credentialArgs ++ cfg.extraArgs;
 
   absolutePath = types.addCheck types.str (p: builtins.substring 0 1 p == "/") // {
@@ -73,6 +77,30 @@ let
     echo "cnishift-rollback: setting the system profile back to generation $generation ($system)"
     ${config.nix.package}/bin/nix-env --profile /nix/var/nix/profiles/system --set "$system"
     exec "$system/bin/switch-to-configuration" switch
+  '';
+
+  # The etcd snapshot the migration takes before it touches the first
+  # controller (a k3s server with embedded etcd), run by
+  # cnishift-etcd-snapshot@<run>.service (declared below, outside the agent's
+  # unit, which may not write k3s's snapshot directory) with the migration's
+  # run id as its argument (%i): k3s's own `etcd-snapshot save`, which names the
+  # file cnishift-pre-<run>-<node>-<unix seconds> under
+  # /var/lib/rancher/k3s/server/db/snapshots. The run id is checked again here
+  # (the agent checks it first): 1 to 64 of A-Z a-z 0-9 . _ -, no leading dot.
+  etcdSnapshotScript = pkgs.writeShellScript "cnishift-etcd-snapshot" ''
+    set -eu
+    run=''${1-}
+    case "$run" in
+      "" | .* | *[!A-Za-z0-9._-]*)
+        echo "cnishift-etcd-snapshot: refusing run id '$run': 1 to 64 of A-Z a-z 0-9 . _ -, not starting with '.'" >&2
+        exit 2
+        ;;
+    esac
+    if [ "''${#run}" -gt 64 ]; then
+      echo "cnishift-etcd-snapshot: refusing run id '$run': longer than 64 characters" >&2
+      exit 2
+    fi
+    exec ${config.services.k3s.package}/bin/k3s etcd-snapshot save --name "cnishift-pre-$run"
   '';
 in
 {
@@ -152,6 +180,39 @@ in
       description = "The script `cnishift-rollback@<generation>.service` runs (read-only; for inspection).";
     };
 
+    etcdSnapshot.command = mkOption {
+      type = types.str;
+      default = "systemctl start --wait cnishift-etcd-snapshot@{run}.service";
+      description = ''
+        Command the agent runs (on a k3s server with embedded etcd) when the coordinator asks
+        for an etcd snapshot before the migration touches the first controller (handed to the
+        agent as CNISHIFT_ETCD_SNAPSHOT_COMMAND). `{run}` is the migration's run id (1 to 64 of
+        A-Z a-z 0-9 . _ -) and `{node}` the node name; unknown placeholders stop the agent at
+        start. The command must write the snapshot under /var/lib/rancher/k3s/server/db/snapshots
+        (the agent reports the new file whose name holds the run id, and its size). The default
+        starts the `cnishift-etcd-snapshot@` unit this module declares, which runs
+        `k3s etcd-snapshot save --name cnishift-pre-<run>` outside the agent's hardened unit.
+      '';
+    };
+
+    etcdSnapshot.timeout = mkOption {
+      type = types.ints.between 20 3600;
+      default = 120;
+      description = ''
+        Seconds one etcd snapshot may take before the agent kills its command
+        (`--etcd-snapshot-timeout`); the snapshot unit's own TimeoutStartSec is 10 s shorter,
+        so `systemctl start --wait` returns the unit's result before the agent gives up.
+      '';
+    };
+
+    etcdSnapshot.script = mkOption {
+      type = types.package;
+      readOnly = true;
+      internal = true;
+      default = etcdSnapshotScript;
+      description = "The script `cnishift-etcd-snapshot@<run>.service` runs (read-only; for inspection).";
+    };
+
     stateDir = mkOption {
       type = absolutePath;
       default = "/var/lib/cnishift-agent";
@@ -183,6 +244,7 @@ in
         # that ProtectSystem=strict blocks), and systemd lets root start units.
         path = [ pkgs.iproute2 pkgs.iptables pkgs.kmod config.systemd.package ];
         environment.CNISHIFT_ROLLBACK_COMMAND = cfg.rollback.command;
+        environment.CNISHIFT_ETCD_SNAPSHOT_COMMAND = cfg.etcdSnapshot.command;
         serviceConfig = {
           ExecStart = lib.escapeShellArgs ([ "${cfg.package}/bin/cnishift-agent" ] ++ serveArgs);
           Restart = "on-failure";
@@ -201,7 +263,10 @@ in
           #   CAP_SYS_ADMIN         bpf() on kernels older than 5.8, and reading bpffs/cgroup2 mounts
           #   CAP_NET_ADMIN         remove Flannel's interfaces, routes and iptables chains; set net sysctls
           #   CAP_SYS_MODULE        remediation loads missing modules (modprobe)
-          #   CAP_DAC_READ_SEARCH   read /proc/config.gz and k3s's files owned by root
+          #   CAP_DAC_READ_SEARCH   read /proc/config.gz and k3s's files owned by root, among them the
+          #                         etcd client certificates and keys (0600) under
+          #                         /var/lib/rancher/k3s/server/tls/etcd that the etcd check uses
+          #                         (reading needs no writable path; the client port is AF_INET)
           CapabilityBoundingSet = [ "CAP_BPF" "CAP_PERFMON" "CAP_SYS_ADMIN" "CAP_NET_ADMIN" "CAP_SYS_MODULE" "CAP_DAC_READ_SEARCH" ];
           NoNewPrivileges = true;
           ProtectSystem = "strict";
@@ -237,6 +302,21 @@ in
           # the agent's own bound on the command (--rollback-timeout, 5 min by default), so
           # `systemctl start --wait` returns the unit's result before the agent gives up.
           TimeoutStartSec = "4min";
+        };
+      };
+
+      # The etcd snapshot runs here, not in the agent's unit, for the same
+      # reason: k3s writes under /var/lib/rancher/k3s/server/db/snapshots, which
+      # ProtectSystem=strict keeps read-only to the agent, and widening the
+      # agent's writable paths for one command would last for its whole life.
+      # The instance (%i, the raw instance name) is the run id.
+      systemd.services."cnishift-etcd-snapshot@" = {
+        description = "cnishift: etcd snapshot cnishift-pre-%i before the migration";
+        restartIfChanged = false;
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = "${cfg.etcdSnapshot.script} %i";
+          TimeoutStartSec = "${toString (cfg.etcdSnapshot.timeout - 10)}s";
         };
       };
     })

@@ -6,6 +6,7 @@
 pub mod cilium;
 pub mod cleanup;
 pub mod dial;
+pub mod etcd;
 pub mod host;
 pub mod policy;
 pub mod probe;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use cnishift_agent::host::HostPaths;
-use cnishift_agent::{cleanup, policy, remediate, render, report, rollback, server, tls};
+use cnishift_agent::{cleanup, etcd, policy, remediate, render, report, rollback, server, tls};
 
 /// Exit codes (also in the README).
 const EXIT_READY: u8 = 0;
@@ -46,7 +46,7 @@ enum Command {
                       The certificate files are re-read when they change; SIGTERM stops gracefully.\n\
                       Exit codes: 0 stopped by a signal, 2 could not start (the message says why)."
     )]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Set the sysctls the report flags and load missing loadable modules (dry run by default).
     Remediate(RemediateArgs),
     /// Remove what Flannel left on this node (dry run by default; --apply does it, with backups).
@@ -172,6 +172,22 @@ struct ServeArgs {
     /// How long one run of the rollback action may take before it is killed.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     rollback_timeout: std::time::Duration,
+    /// What `EtcdSnapshot` runs (on a k3s server with embedded etcd) before the
+    /// migration touches the first controller: a command template with {run}
+    /// (the migration's run id) and {node}. It must write the snapshot under
+    /// /var/lib/rancher/k3s/server/db/snapshots (k3s appends the node name and a
+    /// timestamp to the name); the agent reports that file and its size.
+    #[arg(
+        long,
+        value_name = "TEMPLATE",
+        env = "CNISHIFT_ETCD_SNAPSHOT_COMMAND",
+        default_value = cnishift_agent::etcd::snapshot::DEFAULT_COMMAND
+    )]
+    etcd_snapshot_command: String,
+    /// The longest one etcd snapshot may take before its process group is
+    /// killed (a caller may ask for less).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    etcd_snapshot_timeout: std::time::Duration,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -242,7 +258,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Report(args) => run_report(args),
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(*args),
         Command::Remediate(args) => run_remediate(args),
         Command::Cleanup(args) => run_cleanup(args),
         Command::Restore(args) => run_restore(args),
@@ -403,6 +419,19 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             return fail(format!("--rollback-command: {e}"));
         }
     }
+    let snapshotter = match etcd::snapshot::Snapshotter::new(etcd::snapshot::Config {
+        host: opts.host.clone(),
+        node: opts.node_name.clone(),
+        template: args.etcd_snapshot_command.clone(),
+        max_timeout: args.etcd_snapshot_timeout,
+        state_dir: args.state_dir.clone(),
+    }) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("--etcd-snapshot-command: {e}")),
+    };
+    if args.etcd_snapshot_timeout < etcd::snapshot::MIN_TIMEOUT {
+        return fail("--etcd-snapshot-timeout must be at least 1s".into());
+    }
     let switch = match rollback::Switch::open(rollback::Config {
         state_dir: args.state_dir.clone(),
         host: opts.host.clone(),
@@ -443,6 +472,7 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             coordinator_identity: args.coordinator_identity,
             state_dir: args.state_dir,
             rollback: switch,
+            etcd_snapshot: snapshotter,
         };
         server::serve(listener, live, service, shutdown_signal())
             .await

@@ -238,6 +238,7 @@ pub fn evaluate_expecting(f: &Facts, expect: Expect) -> Vec<Check> {
     cni(f, &mut out);
     k3s(f, expect, &mut out);
     k3s_network_check(f, expect, &mut out);
+    etcd(f, &mut out);
     cilium(f, expect, &mut out);
     iptables(f, &mut out);
     resources(f, &mut out);
@@ -1019,6 +1020,139 @@ fn k3s_network_check(f: &Facts, expect: Expect, out: &mut Vec<Check>) {
         ),
         (K3sNetwork::Flannel, _) => pass(id, format!("k3s runs Flannel: {how}")),
         (K3sNetwork::NoFlannel, _) => pass(id, format!("k3s runs without Flannel: {how}")),
+    });
+}
+
+/// `etcd.*`, on k3s servers only (a worker has no etcd member): the local
+/// member of k3s's embedded etcd as `etcdctl endpoint health`, `member list`
+/// and `endpoint status` would show it. An unhealthy member, an unreadable
+/// member list or no leader is a failure: the coordinator must not take a
+/// controller down then (its quorum gate combines every controller's answer).
+fn etcd(f: &Facts, out: &mut Vec<Check>) {
+    use crate::probe::k3s::Role;
+    if f.k3s.role != Some(Role::Server) {
+        return;
+    }
+    let e = &f.etcd;
+    if !e.present {
+        out.push(check(
+            "etcd.member",
+            Verdict::Warn,
+            format!(
+                "{}: this k3s server keeps its datastore elsewhere (SQLite or an external database), which cnishift neither checks nor snapshots",
+                e.absent_why.as_deref().unwrap_or("no embedded etcd")
+            ),
+            Some("back the datastore up yourself before migrating (with embedded etcd, `k3s server --cluster-init`, cnishift checks the member and takes a snapshot)".into()),
+        ));
+        return;
+    }
+    let how = match &e.client_cert {
+        Some(c) => format!("{}, client certificate {c}", e.endpoint),
+        None => e.endpoint.clone(),
+    };
+    let no_connection = e.client_cert.is_none();
+    let unit_fix = "on the node: `systemctl status k3s` and `journalctl -u k3s | grep -i etcd` (the member's data is in /var/lib/rancher/k3s/server/db/etcd)";
+    out.push(if e.healthy {
+        pass(
+            "etcd.health",
+            format!(
+                "healthy: a linearizable read answered in {} ms ({how})",
+                e.took_ms
+            ),
+        )
+    } else {
+        let err = e.error.as_deref().unwrap_or("no answer");
+        let fix = if no_connection && e.attempts.iter().all(|a| a.error.is_some()) {
+            format!("{unit_fix}; k3s writes the certificates under /var/lib/rancher/k3s/server/tls/etcd when it starts with embedded etcd, and the agent must be able to read them")
+        } else {
+            unit_fix.to_string()
+        };
+        check(
+            "etcd.health",
+            Verdict::Fail,
+            format!("the local etcd member is not healthy: {err} ({how})"),
+            Some(fix),
+        )
+    });
+    let not_read = |what: &str, err: &Option<String>| match (err, no_connection) {
+        (Some(err), _) => format!("{what} could not be read: {err}"),
+        (None, true) => {
+            format!("{what} not read: the local member did not answer (see etcd.health)")
+        }
+        (None, false) => format!("{what} is empty"),
+    };
+    out.push(if e.members.is_empty() {
+        check(
+            "etcd.members",
+            Verdict::Fail,
+            not_read("the member list", &e.members_error),
+            Some(unit_fix.into()),
+        )
+    } else {
+        let list: Vec<String> = e
+            .members
+            .iter()
+            .map(|m| {
+                let name = if m.name.is_empty() { "(not started)" } else { &m.name };
+                format!(
+                    "{name} ({:x}{}{})",
+                    m.id,
+                    if m.is_learner { ", learner" } else { "" },
+                    m.peer_urls
+                        .first()
+                        .map(|u| format!(", {u}"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        let voters = e.members.iter().filter(|m| !m.is_learner).count();
+        let unstarted = e.members.iter().filter(|m| m.name.is_empty()).count();
+        let text = format!("{voters} voting of {} members: {}", e.members.len(), list.join(", "));
+        if unstarted > 0 {
+            check(
+                "etcd.members",
+                Verdict::Warn,
+                format!("{text}; {unstarted} never started"),
+                Some("a member that joined but never started counts against the quorum: start it or remove it (`etcdctl member remove ID`)".into()),
+            )
+        } else {
+            pass("etcd.members", text)
+        }
+    });
+    out.push(match &e.status {
+        None => check(
+            "etcd.leader",
+            Verdict::Fail,
+            not_read("the member's status", &e.status_error),
+            Some(unit_fix.into()),
+        ),
+        Some(s) if s.leader_id == 0 => check(
+            "etcd.leader",
+            Verdict::Fail,
+            format!(
+                "member {} sees no leader (raft term {}): the cluster has no quorum from here",
+                e.name_of(s.member_id),
+                s.raft_term
+            ),
+            Some(format!("{unit_fix}; check that the other controllers' k3s run and that their peer port 2380 is reachable")),
+        ),
+        Some(s) => pass(
+            "etcd.leader",
+            format!(
+                "leader {}, raft term {}; this member {}{}, etcd {}, database {} bytes{}",
+                e.name_of(s.leader_id),
+                s.raft_term,
+                e.name_of(s.member_id),
+                if s.is_learner { " (learner)" } else { "" },
+                s.version,
+                s.db_size,
+                if s.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("; the member notes: {}", s.errors.join("; "))
+                }
+            ),
+        ),
     });
 }
 

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cleanup;
 use crate::dial;
+use crate::etcd;
 use crate::policy::{Expect, Family, Verdict};
 use crate::remediate;
 use crate::report::{self, Report};
@@ -42,6 +43,8 @@ pub struct AgentService {
     pub state_dir: std::path::PathBuf,
     /// The dead-man rollback.
     pub rollback: Arc<Switch>,
+    /// The etcd snapshot before the first controller is touched.
+    pub etcd_snapshot: Arc<etcd::snapshot::Snapshotter>,
 }
 
 /// One accepted mutual-TLS connection, numbered: `Confirm` must come over a
@@ -333,6 +336,49 @@ impl AgentService {
     }
 }
 
+pub fn etcd_status_proto(node: &str, e: &etcd::EtcdFacts) -> pb::EtcdStatus {
+    let st = e.status.clone().unwrap_or_default();
+    pb::EtcdStatus {
+        node: node.to_string(),
+        present: e.present,
+        absent_why: e.absent_why.clone().unwrap_or_default(),
+        endpoint: e.endpoint.clone(),
+        client_cert: e.client_cert.clone().unwrap_or_default(),
+        attempts: e
+            .attempts
+            .iter()
+            .map(|a| pb::EtcdAttempt {
+                cert: a.cert.clone(),
+                key: a.key.clone(),
+                error: a.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        healthy: e.healthy,
+        error: e.error.clone().unwrap_or_default(),
+        took_ms: e.took_ms,
+        member_id: st.member_id,
+        leader_id: st.leader_id,
+        version: st.version,
+        db_size: st.db_size,
+        raft_term: st.raft_term,
+        is_learner: st.is_learner,
+        member_errors: st.errors,
+        cluster_id: st.cluster_id,
+        members: e
+            .members
+            .iter()
+            .map(|m| pb::EtcdMember {
+                id: m.id,
+                name: m.name.clone(),
+                peer_urls: m.peer_urls.clone(),
+                client_urls: m.client_urls.clone(),
+                is_learner: m.is_learner,
+            })
+            .collect(),
+        alarms: e.alarms.clone(),
+    }
+}
+
 type EventStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::CleanupEvent, Status>> + Send>>;
 
@@ -480,6 +526,53 @@ impl NodeAgent for AgentService {
             peer_sans: d.peer_sans,
             tls_version: d.tls_version,
             peer_chain_der: d.peer_chain,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_etcd_status(
+        &self,
+        req: Request<pb::EtcdStatusRequest>,
+    ) -> Result<Response<pb::EtcdStatus>, Status> {
+        peer_identity(&req)?;
+        let host = &self.report.host;
+        let facts = match etcd::presence(host) {
+            Err(why) => etcd::EtcdFacts {
+                absent_why: Some(why),
+                endpoint: etcd::ENDPOINT.into(),
+                ..Default::default()
+            },
+            Ok(()) => etcd::client::check(host, etcd::ENDPOINT).await,
+        };
+        Ok(Response::new(etcd_status_proto(
+            &self.report.node_name,
+            &facts,
+        )))
+    }
+
+    #[tracing::instrument(skip_all, fields(run = %req.get_ref().run_id))]
+    async fn etcd_snapshot(
+        &self,
+        req: Request<pb::EtcdSnapshotRequest>,
+    ) -> Result<Response<pb::EtcdSnapshotResult>, Status> {
+        self.require_coordinator(&req, cnishift_proto::methods::ETCD_SNAPSHOT)?;
+        let r = req.get_ref();
+        let t = self
+            .etcd_snapshot
+            .take(&r.run_id, Duration::from_millis(r.timeout_ms))
+            .await
+            .map_err(|e| match e {
+                etcd::snapshot::Refused::Invalid(m) => Status::invalid_argument(m),
+                etcd::snapshot::Refused::State(m) | etcd::snapshot::Refused::Failed(m) => {
+                    Status::failed_precondition(m)
+                }
+            })?;
+        Ok(Response::new(pb::EtcdSnapshotResult {
+            path: t.path,
+            size_bytes: t.size_bytes,
+            command: t.command,
+            elapsed_ms: t.elapsed_ms,
+            output_tail: t.output_tail,
         }))
     }
 

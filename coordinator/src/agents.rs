@@ -585,3 +585,93 @@ pub async fn sequential_reports(
     }
     out
 }
+
+// --- k3s's embedded etcd (issue #16) ----------------------------------------
+// Kept apart from the calls above: GetEtcdStatus (read-only) and
+// EtcdSnapshot (coordinator only), used by `cnishift etcd` and by the
+// migration's etcd gate (migrate/etcd.rs).
+
+/// How much longer than the agent's own snapshot deadline the coordinator
+/// waits for its answer: the agent kills the command at its deadline and
+/// then answers; this only covers the answer's way back.
+pub const ETCD_SNAPSHOT_GRACE: Duration = Duration::from_secs(5);
+
+/// The local etcd member of `node` (a controller), as its agent sees it.
+pub async fn etcd_status(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+) -> Result<pb::EtcdStatus, CallError> {
+    with_client(
+        node,
+        tls,
+        deadlines,
+        deadlines.report,
+        "etcd status",
+        Via::Fresh,
+        |mut c| async move {
+            let s = c
+                .get_etcd_status(pb::EtcdStatusRequest {})
+                .await
+                .map_err(|s| status_error(node, s))?
+                .into_inner();
+            if s.node != node.name {
+                return Err(CallError::WrongIdentity(format!(
+                    "the agent at {} answers as {:?}, not {:?}",
+                    node.address, s.node, node.name
+                )));
+            }
+            Ok(s)
+        },
+    )
+    .await
+}
+
+/// Every controller's etcd status at once, in inventory order.
+pub async fn etcd_statuses(
+    nodes: &[Node],
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+) -> Vec<(Node, Result<pb::EtcdStatus, CallError>)> {
+    let calls = nodes
+        .iter()
+        .map(|n| async move { (n.clone(), etcd_status(n, tls, deadlines).await) });
+    futures::future::join_all(calls).await
+}
+
+/// Has `node`'s agent take the named snapshot of `run_id` with its own
+/// command, within `timeout` (the agent kills the command then).
+pub async fn etcd_snapshot(
+    node: &Node,
+    tls: &ClientTls,
+    deadlines: &Deadlines,
+    run_id: &str,
+    timeout: Duration,
+) -> Result<pb::EtcdSnapshotResult, CallError> {
+    let req = pb::EtcdSnapshotRequest {
+        run_id: run_id.into(),
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    // The channel's own per-request timeout is the report deadline; the
+    // snapshot gets its own, the agent's plus the way back.
+    let limit = timeout + ETCD_SNAPSHOT_GRACE;
+    let long = Deadlines {
+        report: limit,
+        ..deadlines.clone()
+    };
+    with_client(
+        node,
+        tls,
+        &long,
+        limit,
+        "etcd snapshot",
+        Via::Fresh,
+        |mut c| async move {
+            c.etcd_snapshot(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| status_error(node, s))
+        },
+    )
+    .await
+}

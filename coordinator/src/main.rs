@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
-use cli::{backup, certs, cleanup, cluster, lock, migrate, node, preflight, values};
+use cli::{backup, certs, cleanup, cluster, etcd, lock, migrate, node, preflight, values};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +60,9 @@ enum Command {
     /// One migration step on one node through the Kubernetes API: cordon, drain, uncordon, wait.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// k3s's embedded etcd on the controllers: members, health, leader, quorum; a named snapshot.
+    #[command(subcommand)]
+    Etcd(etcd::EtcdCommand),
     /// The migration lock (a Lease in kube-system): who holds it; release it.
     #[command(subcommand)]
     Lock(lock::LockCommand),
@@ -69,7 +72,10 @@ enum Command {
     /// Migrate the cluster node by node (resumes a run from its journal).
     #[command(
         after_help = "Per node: preflight, cordon, drain, arm-rollback, deploy, label, wait-cilium-ready, repod,\n\
-                            verify, confirm, uncordon, done; then verify-cluster and cleanup. The first failure halts\n\
+                            verify, confirm, uncordon, done; then verify-cluster and cleanup. A controller's preflight\n\
+                            also refuses when taking it down would lose etcd's quorum (naming the member), and before\n\
+                            the first controller is cordoned a controller's agent takes an etcd snapshot (journaled;\n\
+                            --skip-etcd-snapshot goes without one, journaled too). The first failure halts\n\
                             between steps and says how to resume or roll the node back. The journal in --state-dir\n\
                             makes a resumed run start where the last one stopped.\n\n\
                             Exit codes: 0 migrated, 1 halted or interrupted (or the lock held), 2 usage, inventory,\n\
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
         Command::Cleanup(a) => cleanup::run(a),
         Command::Cluster(c) => cluster::run(c),
         Command::Node(c) => node::run(c),
+        Command::Etcd(c) => etcd::run(c),
         Command::Lock(c) => lock::run(c),
         Command::Plan(a) => migrate::run_plan(a),
         Command::Migrate(a) => migrate::run_migrate(a),

@@ -231,3 +231,51 @@ fn help_teaches_the_workflow_and_exit_codes() {
         "{h}"
     );
 }
+
+#[test]
+fn etcd_snapshot_is_for_controllers_of_the_inventory_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert!(cnishift(&["certs", "init", "--dir", d]).status.success());
+    assert!(cnishift(&["certs", "issue", "--dir", d, "--coordinator"])
+        .status
+        .success());
+    let inv = dir.path().join("cluster.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "[cluster]\nname = \"c\"\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/coordinator.pem\"\nkey = \"{d}/coordinator-key.pem\"\n\
+             [[nodes]]\nname = \"opi01\"\nrole = \"controller\"\naddress = \"127.0.0.1:9\"\n\
+             [[nodes]]\nname = \"raccoon00\"\nrole = \"worker\"\naddress = \"127.0.0.2:9\"\n"
+        ),
+    )
+    .unwrap();
+    let i = inv.to_str().unwrap();
+    let o = cnishift(&["etcd", "snapshot", "-i", i, "raccoon00"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim(),
+        "cnishift: raccoon00 is a worker: etcd runs on the controllers"
+    );
+    let o = cnishift(&["etcd", "snapshot", "-i", i, "opi09"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // Nothing listens: not taken, and the agent's absence is said.
+    let o = cnishift(&["etcd", "snapshot", "-i", i, "opi01", "--run", "r1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).starts_with("cnishift: no etcd snapshot on opi01: unreachable: "),
+        "{}",
+        text(&o)
+    );
+    let o = cnishift(&["etcd", "status", "-i", i, "-o", "json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["healthy"], false);
+    assert!(v["controllers"][0]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("unreachable: "));
+    assert!(v["cluster"]["error"].as_str().unwrap().starts_with(
+        "no controller's etcd member answered with its member list: opi01: unreachable"
+    ));
+}

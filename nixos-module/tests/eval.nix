@@ -47,6 +47,7 @@ let
     coreutils = drv "coreutils";
     systemd = drv "systemd";
     nix = drv "nix";
+    k3s = drv "k3s";
     writeShellScript = name: text: drv name // { inherit text; };
   };
 
@@ -80,6 +81,10 @@ let
   rsc = c: (rollbackUnit c).serviceConfig or { };
   rollbackEnv = c: (svc c).environment.CNISHIFT_ROLLBACK_COMMAND or "";
   scriptOf = c: c.services.cnishift-agent.rollback.script;
+  snapshotUnit = c: (units c)."cnishift-etcd-snapshot@" or { serviceConfig = { }; };
+  ssc = c: (snapshotUnit c).serviceConfig or { };
+  snapshotEnv = c: (svc c).environment.CNISHIFT_ETCD_SNAPSHOT_COMMAND or "";
+  snapshotScriptOf = c: c.services.cnishift-agent.etcdSnapshot.script;
   hasWord = w: s: builtins.match ".*(^| )${w}( |$).*" s != null;
   contains = needle: s: lib.hasInfix needle s;
 
@@ -107,6 +112,8 @@ let
     both = eval [{ services.cnishift.ciliumPrerequisites.enable = true; } (agentOn { })];
     rollbackOverride = eval (agentOn { rollback.command = overriddenRollback; });
     otherNix = eval [ (agentOn { }) { nix.package = drv "nix-2.31.2"; } ];
+    snapshotOverride = eval (agentOn { etcdSnapshot = { command = "/usr/local/bin/snap {run} {node}"; timeout = 600; }; });
+    otherK3s = eval [ (agentOn { }) { services.k3s.package = drv "k3s-1.33.1"; } ];
   };
 
   # Definitions that must be refused, naming the option.
@@ -119,6 +126,8 @@ let
     sysctlList = { services.cnishift.ciliumPrerequisites.enable = true; boot.kernel.sysctl."net.core.somaxconn" = [ 4096 ]; };
     hostNameWithDomain = agentOn { } // { networking.hostName = "opi01.lan"; };
     rollbackScriptSet = agentOn { rollback.script = drv "elsewhere"; };
+    snapshotTimeoutTooShort = agentOn { etcdSnapshot.timeout = 5; };
+    snapshotScriptSet = agentOn { etcdSnapshot.script = drv "elsewhere"; };
   };
 
   # Anything still shaped like an mkIf/mkMerge/mkOverride in the generated
@@ -208,6 +217,31 @@ let
       contains "/nix/var/nix/profiles/system-$generation-link" t
         && contains "/nix/store/00000000000000000000000000000000-nix/bin/nix-env --profile /nix/var/nix/profiles/system --set \"$system\"\nexec \"$system/bin/switch-to-configuration\" switch" t;
     "rollback script: nix from nix.package" = contains "-nix-2.31.2/bin/nix-env " ((scriptOf c.otherNix).text or "");
+    "etcd snapshot command defaults to the snapshot unit" =
+      snapshotEnv c.defaults == "systemctl start --wait cnishift-etcd-snapshot@{run}.service";
+    "etcd snapshot command and bound can be set" =
+      snapshotEnv c.snapshotOverride == "/usr/local/bin/snap {run} {node}"
+        && contains "--etcd-snapshot-timeout 600s" (exec c.snapshotOverride)
+        && (ssc c.snapshotOverride).TimeoutStartSec or "" == "590s";
+    "ExecStart bounds the snapshot (120 s by default)" = contains "--etcd-snapshot-timeout 120s" (exec c.defaults);
+    "snapshot unit: a oneshot template running its script with the raw instance (%i)" =
+      (ssc c.defaults).Type or "" == "oneshot"
+        && (ssc c.defaults).ExecStart or "" == "${(snapshotScriptOf c.defaults).outPath} %i"
+        && (snapshotScriptOf c.defaults).name == "cnishift-etcd-snapshot";
+    "snapshot unit: bounded inside the agent's bound" = (ssc c.defaults).TimeoutStartSec or "" == "110s";
+    "snapshot unit: not started at boot, not restarted by a switch, only with the agent" =
+      let u = snapshotUnit c.defaults; in
+      u.wantedBy or [ "?" ] == [ ] && u.restartIfChanged or true == false
+        && !((units c.disabled) ? "cnishift-etcd-snapshot@") && !((units c.prereqServer) ? "cnishift-etcd-snapshot@");
+    "snapshot unit: not hardened like the agent (k3s writes its snapshot directory)" =
+      let s = ssc c.defaults; in
+      all (k: !(s ? ${k})) [ "ProtectSystem" "CapabilityBoundingSet" "NoNewPrivileges" "ReadWritePaths" ];
+    "snapshot script: checks the run id first, then runs k3s's etcd-snapshot save" =
+      let t = (snapshotScriptOf c.defaults).text or ""; in
+      lib.hasPrefix "set -eu\n" t && contains "*[!A-Za-z0-9._-]*)" t
+        && builtins.length (lib.splitString "*[!A-Za-z0-9._-]*)" (builtins.head (lib.splitString "etcd-snapshot save" t))) == 2
+        && contains "exec /nix/store/00000000000000000000000000000000-k3s/bin/k3s etcd-snapshot save --name \"cnishift-pre-$run\"" t;
+    "snapshot script: k3s from services.k3s.package" = contains "-k3s-1.33.1/bin/k3s " ((snapshotScriptOf c.otherK3s).text or "");
     "prerequisites: kernel modules" = c.prereqServer.boot.kernelModules == [ "xt_socket" "xt_mark" "xt_conntrack" "br_netfilter" "overlay" ];
     "prerequisites: sysctls" =
       let s = c.prereqServer.boot.kernel.sysctl; in

@@ -136,6 +136,7 @@ in
     services.k3s.enable = mkOption { type = types.bool; default = false; };
     services.k3s.role = mkOption { type = types.enum [ "server" "agent" ]; default = "server"; };
     services.k3s.extraFlags = mkOption { type = types.either types.str (types.listOf types.str); default = [ ]; };
+    services.k3s.package = mkOption { type = types.package; default = pkgs.k3s; };
 
     # nixos/modules/config/nix.nix
     nix.package = mkOption { type = types.package; default = pkgs.nix; };

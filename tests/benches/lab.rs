@@ -6,6 +6,10 @@
 //!   says the node is Ready again on Cilium: ≤ 1 s;
 //! - RSS of the supervisor (API server included) + its 9 agents: ≤ 150 MiB.
 //!
+//! Also shown, not budgeted on their own: what the controllers' real etcd
+//! members add to `up` (how long after they started they were healthy, and
+//! how long the agents took meanwhile — `up` waits for both) and their memory.
+//!
 //! Run (root): `cargo bench -p cnishift-lab --bench lab` (ROUNDS=5 by default).
 //! It needs `cargo build -p cnishift-lab -p cnishift -p cnishift-agent` first
 //! (the benchmark runs the binaries beside it in target/).
@@ -74,6 +78,7 @@ fn main() {
     let lab = binary("cnishift-lab", "CNISHIFT_LAB_BIN").expect("cnishift-lab built");
     let inv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/avalanche.toml");
     let (mut ups, mut downs, mut deploys, mut rss) = (vec![], vec![], vec![], vec![]);
+    let (mut etcd_ready, mut etcd_extra, mut etcd_pss) = (vec![], vec![], vec![]);
     for _ in 0..rounds {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("lab");
@@ -100,6 +105,37 @@ fn main() {
             .args(["preflight", "-o", "json", "-i"])
             .arg(dir.join("cluster.toml"))
             .output();
+        // "etcd: ... healthy N ms after the members started (the agents listened at M ms; ...".
+        let note = rec["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.as_str())
+            .find(|n| n.starts_with("etcd: "))
+            .expect("up notes when etcd was healthy")
+            .to_string();
+        let num = |after: &str| -> u64 {
+            note.split(after)
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (healthy, agents) = (num(" healthy "), num(" listened at "));
+        etcd_ready.push(Duration::from_millis(healthy));
+        etcd_extra.push(Duration::from_millis(healthy.saturating_sub(agents)));
+        etcd_pss.push(
+            rec["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|n| n["etcd_pid"].as_u64())
+                .map(|p| kib(p, "smaps_rollup", "Pss:"))
+                .sum::<u64>(),
+        );
         let mut pids = vec![rec["supervisor_pid"].as_u64().unwrap()];
         pids.extend(
             rec["nodes"]
@@ -113,6 +149,20 @@ fn main() {
         let rss_sum: u64 = pids.iter().map(|p| kib(*p, "status", "VmRSS:")).sum();
         let pss_sum: u64 = pids.iter().map(|p| kib(*p, "smaps_rollup", "Pss:")).sum();
         rss.push((pss_sum, rss_sum));
+        // The seed's Cilium DaemonSet selects the migration label
+        // ([cilium] node_label): set it as migrate's Label step would, or no
+        // Cilium pod ever makes the switched node Ready.
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(dir.join("kubeconfig"))
+            .args(["label", "node", "opi01", "cnishift.io/cni=cilium"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let start = Instant::now();
         let out = Command::new(&lab)
             .args(["deploy", "--dir"])
@@ -143,6 +193,7 @@ fn main() {
         downs.push(start.elapsed());
     }
     rss.sort();
+    etcd_pss.sort();
     println!("lab benchmark, 9-node seed inventory, {rounds} rounds");
     println!(
         "  up (9 nodes, to ready):        {}  (budget 10 s)",
@@ -162,5 +213,15 @@ fn main() {
         pss as f64 / 1024.0,
         rss[rss.len() - 1].0 as f64 / 1024.0,
         sum as f64 / 1024.0
+    );
+    println!(
+        "  etcd (3 members) healthy after: {}; of it after the agents listened: {}",
+        stats(etcd_ready),
+        stats(etcd_extra)
+    );
+    println!(
+        "  memory, the 3 etcd members:    PSS {:.1} MiB (max {:.1})",
+        etcd_pss[etcd_pss.len() / 2] as f64 / 1024.0,
+        etcd_pss[etcd_pss.len() - 1] as f64 / 1024.0
     );
 }

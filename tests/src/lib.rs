@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod etcd;
 pub mod harness;
 pub mod hostroot;
 pub mod k3s;

@@ -28,8 +28,9 @@ says Failure), agent-down (the agent is stopped), partition (the admin box canno
 the API still sees it), pdb-blocks (a PDB on a pod of the node never allows), slow-api (every API\n\
 answer comes after [deadlines] api + 1 s), unconfirmed (after its deploy the admin box cannot\n\
 reach the node), worker-restarts-early (the worker's k3s restarts as soon as a server switches),\n\
-sole-replica (a Longhorn volume's only healthy replica is the node's), other-subnet (the node's\n\
-InternalIP moves to 192.0.2.0/24, a second address on its eth0).";
+etcd-down (a controller's etcd member is stopped), etcd-snapshot-fails (a controller's etcd snapshots\n\
+cannot be written), sole-replica (a Longhorn volume's only healthy replica is the node's),\n\
+other-subnet (the node's InternalIP moves to 192.0.2.0/24, a second address on its eth0).";
 
 fn fault_arg(s: &str) -> Result<(String, Fault), String> {
     let (n, k) = node_pair(s)?;
@@ -481,12 +482,12 @@ fn status(dir: &Path, output: &str) -> anyhow::Result<u8> {
         return Ok(0);
     }
     println!(
-        "{:<14} {:<10} {:<10} {:<8} {:<9} {:<28} {:<14} FAULTS",
-        "NODE", "ROLE", "K3S", "READY", "CORDONED", "CILIUM POD", "AGENT"
+        "{:<14} {:<10} {:<10} {:<8} {:<9} {:<28} {:<14} {:<9} FAULTS",
+        "NODE", "ROLE", "K3S", "READY", "CORDONED", "CILIUM POD", "AGENT", "ETCD"
     );
     for r in reply.rows {
         println!(
-            "{:<14} {:<10} {:<10} {:<8} {:<9} {:<28} {:<14} {}",
+            "{:<14} {:<10} {:<10} {:<8} {:<9} {:<28} {:<14} {:<9} {}",
             r.node,
             r.role,
             r.backend,
@@ -494,6 +495,7 @@ fn status(dir: &Path, output: &str) -> anyhow::Result<u8> {
             if r.cordoned { "yes" } else { "no" },
             r.cilium,
             r.agent,
+            r.etcd,
             r.faults.join(",")
         );
     }

@@ -50,6 +50,9 @@ pub struct NodeRecord {
     pub pod_cidr: String,
     pub host_root: PathBuf,
     pub agent_pid: Option<u32>,
+    /// A controller's etcd member.
+    #[serde(default)]
+    pub etcd_pid: Option<u32>,
 }
 
 impl Record {
@@ -208,6 +211,12 @@ pub fn down(dir: &Path) -> Result<Vec<String>> {
             .iter()
             .filter_map(|n| n.agent_pid)
             .filter(|p| cmdline(*p).contains("cnishift-agent")),
+    );
+    pids.extend(
+        rec.nodes
+            .iter()
+            .filter_map(|n| n.etcd_pid)
+            .filter(|p| cmdline(*p).contains("etcd")),
     );
     pids.sort_unstable();
     pids.dedup();

@@ -92,11 +92,25 @@ fn the_seed_cluster_migrates_end_to_end_and_is_verified_and_clean() {
             assert!(!e[k].is_null(), "event without {k}: {e}");
         }
         // The cluster-wide steps are the only ones without a node (the
-        // backup before the first node, verify-cluster and cleanup after the last).
-        let cluster_step =
-            ["backup", "verify-cluster", "cleanup"].contains(&e["step"].as_str().unwrap());
+        // backup before the first node, the etcd snapshot, verify-cluster
+        // and cleanup after the last).
+        let cluster_step = ["backup", "etcd-snapshot", "verify-cluster", "cleanup"]
+            .contains(&e["step"].as_str().unwrap());
         assert_eq!(e["node"].is_null(), cluster_step, "{e}");
     }
+
+    // The controllers' etcd was snapshotted before the first one was cordoned.
+    let at = |step: &str, node: Option<&str>, phase: &str| {
+        events
+            .iter()
+            .position(|e| {
+                e["step"] == step
+                    && e["phase"] == phase
+                    && node.map_or(e["node"].is_null(), |n| e["node"] == n)
+            })
+            .unwrap_or_else(|| panic!("no {step} {node:?} {phase}"))
+    };
+    assert!(at("etcd-snapshot", None, "done") < at("cordon", Some("opi01"), "started"));
 
     // Every node Ready, labelled, uncordoned — but the admin's cordon stays.
     let nodes: serde_json::Value =

@@ -345,6 +345,17 @@ fn kill_9_of_the_supervisor_then_down_leaves_nothing() {
     assert!(!mine(&sh("ip link")).is_empty());
     assert!(!mine(&sh("cat /proc/mounts")).is_empty());
     assert!(!mine(&sh("ps -eo args")).is_empty());
+    // The controller's etcd member is the lab's too, and must go with it.
+    let etcd_pid = rec["nodes"][0]["etcd_pid"]
+        .as_u64()
+        .expect("ctl-a runs etcd");
+    assert!(
+        mine(&sh("ps -eo args"))
+            .iter()
+            .any(|l| l.contains("etcd --name ctl-a")),
+        "{:?}",
+        mine(&sh("ps -eo args"))
+    );
     let pid = rec["supervisor_pid"].as_u64().unwrap();
     assert!(Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -360,6 +371,12 @@ fn kill_9_of_the_supervisor_then_down_leaves_nothing() {
     assert_eq!(mine(&sh("ip link")), Vec::<String>::new());
     assert_eq!(mine(&sh("cat /proc/mounts")), Vec::<String>::new());
     assert_eq!(mine(&sh("ps -eo args")), Vec::<String>::new());
+    // Gone, or a zombie of a parent that does not reap (the supervisor died).
+    let stat = std::fs::read_to_string(format!("/proc/{etcd_pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "etcd {etcd_pid} runs: {stat}"
+    );
     assert!(!lab.dir.exists(), "the lab's files are gone");
 }
 

@@ -122,6 +122,7 @@ fn migrate(deploy: &str) -> Run {
         log_dir: state.path().join("logs"),
         resume_command: "cnishift migrate".into(),
         rollback_command: "cnishift rollback".into(),
+        skip_etcd_snapshot: false,
     };
     let (outcome, took) = rt.block_on(async {
         let kube = Kube::for_url(&format!("http://{addr}"), Duration::from_secs(2)).unwrap();

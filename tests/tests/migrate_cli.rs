@@ -139,7 +139,8 @@ fn dry_run_prints_every_action_as_json_events_and_touches_nothing() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(events.len(), 3 * 12 + 2);
+    // Every node's 12 steps, the etcd snapshot, verify-cluster and cleanup.
+    assert_eq!(events.len(), 3 * 12 + 3);
     for e in &events {
         for k in [
             "time",
@@ -158,6 +159,17 @@ fn dry_run_prints_every_action_as_json_events_and_touches_nothing() {
     assert!(events
         .iter()
         .any(|e| e["detail"] == "run just nix deploy raccoon01"));
+    let snap = events
+        .iter()
+        .find(|e| e["step"] == "etcd-snapshot")
+        .expect("the etcd snapshot is planned");
+    assert!(
+        snap["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("ask opi01's agent for an etcd snapshot named cnishift-pre-dry-run"),
+        "{snap}"
+    );
     assert_eq!(
         s.api.faults().requests(),
         0,

@@ -32,6 +32,9 @@ pub struct Facts {
     pub resources: resources::ResourceFacts,
     /// Cilium's own health answer (`/v1/healthz` on its API socket).
     pub cilium: crate::cilium::CiliumHealth,
+    /// k3s's embedded etcd member on this node, as etcdctl would see it.
+    #[serde(default)]
+    pub etcd: crate::etcd::EtcdFacts,
 }
 
 /// What to look for: the policy's lists, handed in so probes never depend
@@ -50,6 +53,8 @@ pub fn collect(host: &HostPaths, live: bool, wanted: &Wanted) -> Facts {
         // Cilium's socket belongs to another program: ask it on a thread of
         // its own, so its deadline runs beside the other probes.
         let cilium = s.spawn(|| crate::cilium::probe(host));
+        // etcd's client port is a network service with its own deadlines too.
+        let etcd = s.spawn(|| crate::etcd::probe(host));
         let iptables = s.spawn(|| iptables::probe(live));
         let network = s.spawn(|| {
             if live {
@@ -108,6 +113,11 @@ pub fn collect(host: &HostPaths, live: bool, wanted: &Wanted) -> Facts {
                     error: Some(panicked("cilium")),
                     ..Default::default()
                 }),
+            etcd: etcd.join().unwrap_or_else(|_| crate::etcd::EtcdFacts {
+                present: true,
+                error: Some(panicked("etcd")),
+                ..Default::default()
+            }),
         }
     })
 }
@@ -165,5 +175,7 @@ pub fn collect_only(host: &HostPaths, live: bool, only: Only) -> Facts {
         iptables: Default::default(),
         resources: Default::default(),
         cilium: Default::default(),
+        // No etcd check is in a narrowed family: its client is not dialled.
+        etcd: Default::default(),
     }
 }

@@ -69,6 +69,11 @@ pub struct MigrateArgs {
     /// Take over the migration lock when its holder stopped renewing it.
     #[arg(long)]
     pub take_over_stale_lock: bool,
+    /// Touch the first controller without an etcd snapshot of this run (the
+    /// journal records that none was taken). Without it, a controller's agent
+    /// must take one first (`cnishift etcd snapshot` does the same by hand).
+    #[arg(long)]
+    pub skip_etcd_snapshot: bool,
     /// `json`: one event per line (see the README for the schema).
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -383,6 +388,7 @@ pub fn run_migrate(args: MigrateArgs) -> ExitCode {
         log_dir: dir.join("logs"),
         resume_command: resume,
         rollback_command: rollback,
+        skip_etcd_snapshot: args.skip_etcd_snapshot,
     };
     let rt = match runtime() {
         Ok(r) => r,
@@ -810,6 +816,7 @@ pub fn run_rollback(args: RollbackArgs) -> ExitCode {
             log_dir: dir.join("logs"),
             resume_command: resume,
             rollback_command: rollback,
+            skip_etcd_snapshot: false,
         };
         let r = run::rollback_node(&inv, &cluster, &opts, &mut j, &node, &mut |e| {
             println!("{} {:<10} {:?} {}", node.name, e.step, e.phase, e.detail)

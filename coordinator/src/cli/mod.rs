@@ -16,6 +16,7 @@ pub mod backup;
 pub mod certs;
 pub mod cleanup;
 pub mod cluster;
+pub mod etcd;
 pub mod lock;
 pub mod migrate;
 pub mod node;

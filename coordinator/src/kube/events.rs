@@ -77,10 +77,34 @@ impl Kube {
         step: Step<'_>,
         instance: &str,
     ) -> Result<(), KubeError> {
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let n = self
-            .call(format!("get node {node}"), nodes.get(node))
-            .await?;
+        // An Event is about the Node object, by name and uid. A Node's uid
+        // never changes while it exists, so it is read once per node (a
+        // migration records two Events per step: one GET each would double
+        // the API calls between every two steps).
+        let cached = self.node_uids.lock().expect("uids").get(node).cloned();
+        let n = match cached {
+            Some(uid) => Node {
+                metadata: ObjectMeta {
+                    name: Some(node.to_string()),
+                    uid: Some(uid),
+                    ..ObjectMeta::default()
+                },
+                ..Node::default()
+            },
+            None => {
+                let nodes: Api<Node> = Api::all(self.client.clone());
+                let n = self
+                    .call(format!("get node {node}"), nodes.get(node))
+                    .await?;
+                if let Some(uid) = &n.metadata.uid {
+                    self.node_uids
+                        .lock()
+                        .expect("uids")
+                        .insert(node.to_string(), uid.clone());
+                }
+                n
+            }
+        };
         let api: Api<Event> = Api::namespaced(self.client.clone(), NAMESPACE);
         self.call(
             format!("record event {} on node {node}", step.reason),

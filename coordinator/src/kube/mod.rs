@@ -47,6 +47,9 @@ pub struct Kube {
     /// The configuration the client was built from (for the VIP gate).
     pub config: Config,
     pub api_timeout: Duration,
+    /// Each Node's uid, once read, for the Events recorded on it (see
+    /// [`Kube::record`]).
+    node_uids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
 
 /// What went wrong, in words a person can act on.
@@ -140,6 +143,7 @@ impl Kube {
             client,
             config,
             api_timeout,
+            node_uids: Default::default(),
         })
     }
 
@@ -161,6 +165,7 @@ impl Kube {
             client,
             config,
             api_timeout,
+            node_uids: Default::default(),
         }
     }
 

@@ -388,6 +388,23 @@ impl NodeAgents for AgentClients<'_> {
         Ok(plan.items.iter().map(|i| i.id.clone()).collect())
     }
 
+    async fn etcd_status(&self, node: &Node) -> Result<pb::EtcdStatus, Cause> {
+        agents::etcd_status(node, self.tls, &self.inv.deadlines)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn etcd_snapshot(
+        &self,
+        node: &Node,
+        run: &str,
+        timeout: Duration,
+    ) -> Result<pb::EtcdSnapshotResult, Cause> {
+        agents::etcd_snapshot(node, self.tls, &self.inv.deadlines, run, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn cleanup(&self, node: &Node) -> Result<String, Cause> {
         let d = &self.inv.deadlines;
         let plan = agents::plan_cleanup(node, self.tls, d, false)

@@ -3,6 +3,7 @@
 //!
 //! `cnishift node …` and `cnishift migrate` call the same step functions.
 
+pub mod etcd;
 pub mod hooks;
 pub mod journal;
 pub mod live;

@@ -32,6 +32,9 @@ pub struct Options {
     pub resume_command: String,
     /// `cnishift rollback` with the inventory, for the halt message (NODE appended).
     pub rollback_command: String,
+    /// `--skip-etcd-snapshot`: touch the first controller without an etcd
+    /// snapshot of this run (journaled; see migrate/etcd.rs).
+    pub skip_etcd_snapshot: bool,
 }
 
 /// What happened, one per transition (`-o json` prints these).
@@ -173,7 +176,11 @@ impl<C: Cluster, A: NodeAgents> Ctx<'_, C, A> {
             Step::Preflight => {
                 self.agents.preflight(node).await?;
                 self.cluster.gates(unfinished).await?;
-                Ok("the agent's report is ready and the cluster gates pass".into())
+                let mut msg = "the agent's report is ready and the cluster gates pass".to_string();
+                if node.role == Role::Controller {
+                    msg = format!("{msg}; {}", super::etcd::gate(self, node).await?);
+                }
+                Ok(msg)
             }
             Step::Cordon => self.cluster.cordon(name).await,
             Step::Drain => self.cluster.drain(name, d.drain).await,
@@ -912,15 +919,6 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                 Some(deadline),
                 String::new(),
             );
-            self.ctx
-                .cluster
-                .record(
-                    &n.name,
-                    &format!("{}-started", step.name()),
-                    true,
-                    &format!("cnishift migrate: {} started", step.name()),
-                )
-                .await;
         }
         // A hook enforces its own deadline (and kills its process group);
         // the step's, a little later, is the backstop.
@@ -932,12 +930,24 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
         let started = Instant::now();
         let results = {
             let ctx = &self.ctx;
-            futures::future::join_all(
+            // The "started" Event on each Node is recorded while the step
+            // runs (it is a record of the step having begun, not a
+            // precondition of it), and before its outcome's Event.
+            let (what, note) = (
+                format!("{}-started", step.name()),
+                format!("cnishift migrate: {} started", step.name()),
+            );
+            let started_events = futures::future::join_all(
+                nodes
+                    .iter()
+                    .map(|n| ctx.cluster.record(&n.name, &what, true, &note)),
+            );
+            let steps = futures::future::join_all(
                 nodes
                     .iter()
                     .map(|n| within(deadline, grace, step.name(), ctx.step(n, step, &unfinished))),
-            )
-            .await
+            );
+            futures::future::join(steps, started_events).await.0
         };
         let elapsed = started.elapsed();
         let mut first_failure = None;
@@ -1149,11 +1159,18 @@ impl<C: Cluster, A: NodeAgents> Driver<'_, C, A> {
                     continue;
                 }
                 self.boundary(step.name()).await?;
-                if let Some(w) = self.watch(&waiting).await {
-                    return Err(self.halt_stranded(&w, &pending, step).await);
+                // Done has no side effect, and the next wave's first
+                // boundary comes right after it: no watch round for it.
+                if step != Step::Done {
+                    if let Some(w) = self.watch(&waiting).await {
+                        return Err(self.halt_stranded(&w, &pending, step).await);
+                    }
                 }
                 if step == Step::Label {
                     self.cilium_install_once(&todo[0]).await?;
+                }
+                if step == Step::Cordon {
+                    super::etcd::snapshot_once(self, &todo).await?;
                 }
                 self.node_step(&todo, step).await?;
                 for n in &todo {
@@ -1321,6 +1338,7 @@ mod tests {
     use super::*;
     use crate::inventory::Load;
     use crate::migrate::journal::Accept;
+    use cnishift_proto::v1 as pb;
     use std::collections::{HashMap, HashSet, VecDeque};
     use std::path::Path;
     use std::sync::Mutex;
@@ -1350,6 +1368,13 @@ mod tests {
         /// One ordered log: "node step-done/failed ok" Node Events, and
         /// (pushed by a test's sink) the driver's events.
         events: Mutex<Vec<String>>,
+        /// The inventory's controllers (run_with sets them): one etcd member each.
+        etcd_members: Mutex<Vec<Node>>,
+        /// Also a member that no controller of the inventory runs.
+        etcd_stranger: bool,
+        etcd_snapshot_fails: Option<String>,
+        /// "node run" for every snapshot taken.
+        snapshots: Mutex<Vec<String>>,
     }
 
     impl Fake {
@@ -1495,6 +1520,57 @@ mod tests {
         async fn leftovers(&self, _: &Node) -> Result<Vec<String>, Cause> {
             Ok(vec![])
         }
+        async fn etcd_status(&self, node: &Node) -> Result<pb::EtcdStatus, Cause> {
+            let ctl = self.etcd_members.lock().unwrap().clone();
+            let id = |name: &str| 1 + ctl.iter().position(|c| c.name == name).unwrap() as u64;
+            let mut members: Vec<pb::EtcdMember> = ctl
+                .iter()
+                .map(|c| pb::EtcdMember {
+                    id: id(&c.name),
+                    name: c.name.clone(),
+                    ..Default::default()
+                })
+                .collect();
+            if self.etcd_stranger {
+                members.push(pb::EtcdMember {
+                    id: 99,
+                    name: "opi09-5e1f2a3b".into(),
+                    peer_urls: vec!["https://10.1.0.99:2380".into()],
+                    ..Default::default()
+                });
+            }
+            Ok(pb::EtcdStatus {
+                node: node.name.clone(),
+                present: true,
+                healthy: true,
+                member_id: id(&node.name),
+                leader_id: 1,
+                members,
+                ..Default::default()
+            })
+        }
+        async fn etcd_snapshot(
+            &self,
+            node: &Node,
+            run: &str,
+            _: Duration,
+        ) -> Result<pb::EtcdSnapshotResult, Cause> {
+            self.snapshots
+                .lock()
+                .unwrap()
+                .push(format!("{} {run}", node.name));
+            match &self.etcd_snapshot_fails {
+                Some(e) => Err(e.clone()),
+                None => Ok(pb::EtcdSnapshotResult {
+                    path: format!(
+                        "/var/lib/rancher/k3s/server/db/snapshots/cnishift-pre-{run}-{}-1767225600",
+                        node.name
+                    ),
+                    size_bytes: 20512,
+                    ..Default::default()
+                }),
+            }
+        }
     }
 
     const NODES: [&str; 3] = ["opi01", "raccoon00", "raccoon01"];
@@ -1523,6 +1599,7 @@ mod tests {
             log_dir: dir.join("logs"),
             resume_command: "cnishift migrate -i /x/cluster.toml".into(),
             rollback_command: "cnishift rollback -i /x/cluster.toml".into(),
+            skip_etcd_snapshot: false,
         }
     }
 
@@ -1532,6 +1609,7 @@ mod tests {
     }
 
     async fn run_with(inv: &Inventory, fake: &Fake, dir: &Path, opts: Options) -> Ran {
+        *fake.etcd_members.lock().unwrap() = crate::migrate::etcd::controllers(&inv.nodes);
         let mut j = Journal::open(dir, inv, Accept::default(), "run-1").unwrap();
         let state = j.state();
         let mut events = vec![];
@@ -1619,14 +1697,16 @@ mod tests {
             assert_eq!(s.nodes[n].done.len(), 12, "{n}: {:?}", s.nodes[n]);
         }
         assert!(s.cluster.done.contains("verify-cluster") && s.cluster.done.contains("cleanup"));
-        // Every step has a started and a done event; the schema's fields are filled.
+        assert!(s.cluster.done.contains("etcd-snapshot"));
+        // Every step has a started and a done event (the etcd snapshot one
+        // each too); the schema's fields are filled.
         let started = r
             .events
             .iter()
             .filter(|e| e.phase == Phase::Started)
             .count();
         let done = r.events.iter().filter(|e| e.phase == Phase::Done).count();
-        assert_eq!((started, done), (3 * 12 + 2, 3 * 12 + 2));
+        assert_eq!((started, done), (3 * 12 + 3, 3 * 12 + 3));
         let e = r
             .events
             .iter()
@@ -2274,6 +2354,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let inv = inventory("", "true");
             let mut fake = Fake::default();
+            *fake.etcd_members.lock().unwrap() = crate::migrate::etcd::controllers(&inv.nodes);
             if let Some(f) = fail {
                 fake.fail.insert(f.into(), "cilium_host is down".into());
             }
@@ -2361,7 +2442,9 @@ mod tests {
         assert_eq!(fake.calls(), Vec::<String>::new());
         assert!(fake.events.lock().unwrap().is_empty());
         assert!(r.events.iter().all(|e| e.phase == Phase::DryRun));
-        assert_eq!(r.events.len(), 3 * 12 + 2);
+        // Every node's 12 steps, the etcd snapshot, verify-cluster and cleanup.
+        assert_eq!(r.events.len(), 3 * 12 + 3);
+        assert!(fake.snapshots.lock().unwrap().is_empty());
         let d = r
             .events
             .iter()
@@ -2408,5 +2491,134 @@ mod tests {
             "{per_node:?} per node"
         );
         assert!(resume < Duration::from_secs(1), "{resume:?}");
+    }
+
+    #[tokio::test]
+    async fn the_first_controller_is_touched_only_after_an_etcd_snapshot_of_this_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = inventory("", "true");
+        let fake = Fake::default();
+        let r = run_with(&inv, &fake, dir.path(), options(dir.path())).await;
+        assert_eq!(r.outcome, Outcome::Completed);
+        assert_eq!(*fake.snapshots.lock().unwrap(), ["opi01 run-1"]);
+        let pos = |step: &str, node: Option<&str>, phase: Phase| {
+            r.events
+                .iter()
+                .position(|e| e.step == step && e.node.as_deref() == node && e.phase == phase)
+                .unwrap_or_else(|| panic!("no {step} {node:?} {phase:?}"))
+        };
+        assert!(
+            pos("preflight", Some("opi01"), Phase::Done) < pos("etcd-snapshot", None, Phase::Done)
+                && pos("etcd-snapshot", None, Phase::Done)
+                    < pos("cordon", Some("opi01"), Phase::Started)
+        );
+        let j = Journal::open(dir.path(), &inv, Accept::default(), "x").unwrap();
+        let detail = j
+            .records
+            .iter()
+            .find_map(|rec| match rec {
+                Record::Done {
+                    node: None,
+                    step,
+                    detail,
+                    ..
+                } if step == "etcd-snapshot" => Some(detail.clone()),
+                _ => None,
+            })
+            .expect("journaled");
+        assert_eq!(
+            detail,
+            "opi01: /var/lib/rancher/k3s/server/db/snapshots/cnishift-pre-run-1-opi01-1767225600 (20512 bytes, 0 ms)"
+        );
+        // The controller's preflight says the quorum holds (one member: its own).
+        let pre = &r.events[pos("preflight", Some("opi01"), Phase::Done)].detail;
+        assert!(pre.ends_with("etcd has a single voting member, opi01's own: no quorum to lose, but the API is unavailable while its k3s restarts"), "{pre}");
+        // Resumed (here: a run already done), no second snapshot.
+        let fake = Fake::default();
+        run_with(&inv, &fake, dir.path(), options(dir.path())).await;
+        assert!(fake.snapshots.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn no_snapshot_halts_before_any_node_is_touched_and_the_flag_is_journaled() {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = inventory("", "true");
+        let fake = Fake {
+            etcd_snapshot_fails: Some("agent error FailedPrecondition: the etcd snapshot command `k3s etcd-snapshot save --name cnishift-pre-run-1` exited 1".into()),
+            ..Default::default()
+        };
+        let Outcome::Halted(h) = run_with(&inv, &fake, dir.path(), options(dir.path()))
+            .await
+            .outcome
+        else {
+            panic!("completed")
+        };
+        assert_eq!(
+            (h.node.as_deref(), h.step.as_str()),
+            (None, "etcd-snapshot")
+        );
+        assert_eq!(
+            h.cause,
+            "no etcd snapshot could be taken, and migrate does not touch the first controller without one: \
+             opi01: agent error FailedPrecondition: the etcd snapshot command `k3s etcd-snapshot save --name cnishift-pre-run-1` exited 1"
+        );
+        assert!(
+            h.aftermath.ends_with("resume with --skip-etcd-snapshot"),
+            "{h}"
+        );
+        assert_eq!(h.rollback, None, "nothing to roll back");
+        assert_eq!(
+            fake.calls(),
+            ["preflight opi01", "gates -"],
+            "nothing touched"
+        );
+        // With the flag: no snapshot, and the journal says so.
+        let fake = Fake::default();
+        let mut opts = options(dir.path());
+        opts.skip_etcd_snapshot = true;
+        let r = run_with(&inv, &fake, dir.path(), opts).await;
+        assert_eq!(r.outcome, Outcome::Completed);
+        assert!(fake.snapshots.lock().unwrap().is_empty());
+        let skipped = r
+            .events
+            .iter()
+            .find(|e| e.step == "etcd-snapshot" && e.phase == Phase::Skipped)
+            .expect("a skipped event");
+        assert_eq!(
+            skipped.detail,
+            "skipped (--skip-etcd-snapshot): no etcd snapshot was taken in this run"
+        );
+        let j = Journal::open(dir.path(), &inv, Accept::default(), "x").unwrap();
+        assert!(j.records.iter().any(|rec| matches!(rec,
+            Record::Done { node: None, step, detail, .. }
+                if step == "etcd-snapshot" && detail.starts_with("skipped (--skip-etcd-snapshot)"))));
+    }
+
+    #[tokio::test]
+    async fn a_controller_whose_going_down_would_lose_etcds_quorum_halts_at_its_preflight() {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = inventory("", "true");
+        let fake = Fake {
+            etcd_stranger: true,
+            ..Default::default()
+        };
+        let Outcome::Halted(h) = run_with(&inv, &fake, dir.path(), options(dir.path()))
+            .await
+            .outcome
+        else {
+            panic!("completed")
+        };
+        assert_eq!(
+            (h.node.as_deref(), h.step.as_str()),
+            (Some("opi01"), "preflight")
+        );
+        assert_eq!(
+            h.cause,
+            "taking opi01 down would lose etcd's quorum: 0 other healthy voting members of 2 (quorum 2); \
+             opi09-5e1f2a3b (member 63) is not healthy: no agent answers for it (it runs on no controller of the inventory)"
+        );
+        assert_eq!(h.aftermath, "opi01 stays cordoned");
+        assert!(fake.snapshots.lock().unwrap().is_empty());
+        assert!(!fake.calls().iter().any(|c| c.starts_with("cordon")));
     }
 }

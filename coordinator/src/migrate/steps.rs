@@ -380,6 +380,20 @@ pub trait NodeAgents {
     async fn leftovers(&self, node: &Node) -> Result<Vec<String>, Cause>;
     /// Plans and applies the node's cleanup of Flannel's leftovers.
     async fn cleanup(&self, node: &Node) -> Result<String, Cause>;
+    /// A controller's etcd member, as its agent sees it (the quorum gate,
+    /// migrate/etcd.rs). By default nothing answers, so the gate refuses.
+    async fn etcd_status(&self, _node: &Node) -> Result<cnishift_proto::v1::EtcdStatus, Cause> {
+        Err("this agent set does not ask etcd".into())
+    }
+    /// A named etcd snapshot by the controller's agent (migrate/etcd.rs).
+    async fn etcd_snapshot(
+        &self,
+        _node: &Node,
+        _run: &str,
+        _timeout: std::time::Duration,
+    ) -> Result<cnishift_proto::v1::EtcdSnapshotResult, Cause> {
+        Err("this agent set takes no etcd snapshot".into())
+    }
 }
 
 #[cfg(test)]

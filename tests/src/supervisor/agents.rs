@@ -43,6 +43,10 @@ impl Lab {
             .arg(&n.rec.host_root)
             .env("RUST_LOG", "info")
             .env("CNISHIFT_ROLLBACK_COMMAND", rollback)
+            .env(
+                "CNISHIFT_ETCD_SNAPSHOT_COMMAND",
+                crate::etcd::snapshot_command(&n.rec.host_root),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

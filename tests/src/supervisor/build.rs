@@ -48,6 +48,7 @@ pub(super) fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
             pod_cidr: format!("{net}/24"),
             host_root: dir.join("hosts").join(name),
             agent_pid: None,
+            etcd_pid: None,
         });
     }
     rec.nodes = nodes_rec.clone();
@@ -201,6 +202,7 @@ pub(super) fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
     for r in results {
         r?;
     }
+    let etcd_cluster = etcd::prepare(&nodes_rec)?;
     // bpffs where a real node has it, so the agent's bpf checks see one.
     for n in &nodes_rec {
         let target = n.host_root.join("sys/fs/bpf");
@@ -273,6 +275,7 @@ pub(super) fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
                 endpoints: BTreeSet::new(),
                 faults: BTreeSet::new(),
                 agent: None,
+                etcd: None,
                 last_crash: now_s(),
                 lease_at: now_s(),
                 cut: false,
@@ -283,7 +286,16 @@ pub(super) fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
         agent_bin,
         lab_bin,
         api_deadline: inv.api_deadline,
+        etcd_cluster,
+        etcd_token: format!("cnishift-lab-{}", subnet),
     };
+    // The members first: their election runs while the agents start.
+    let etcd_started = Instant::now();
+    for i in 0..lab.nodes.len() {
+        if lab.nodes[i].rec.role == Role::Controller {
+            lab.start_etcd(i)?;
+        }
+    }
     for (node, fault) in &spec.faults {
         lab.set_fault(node, *fault, true)?;
     }
@@ -293,6 +305,23 @@ pub(super) fn build(spec: UpSpec, mut rec: Record) -> Result<()> {
         }
     }
     lab.wait_agents(Duration::from_secs(20))?;
+    let agents_ready = etcd_started.elapsed();
+    lab.wait_etcd(etcd::ETCD_READY)?;
+    let members: Vec<String> = lab
+        .nodes
+        .iter()
+        .filter(|n| n.etcd.is_some())
+        .map(|n| n.rec.name.clone())
+        .collect();
+    if !members.is_empty() {
+        let healthy = etcd_started.elapsed();
+        lab.rec.notes.push(format!(
+            "etcd: {} healthy {} ms after the members started (the agents listened at {} ms; etcdctl against k3s's paths: logs/NODE.etcd.log)",
+            members.join(", "),
+            healthy.as_millis(),
+            agents_ready.as_millis()
+        ));
+    }
     // Pods get their veths, DaemonSets their pods, before `up` returns.
     lab.tick();
     // The control socket listens before `up` is told the lab is ready, so

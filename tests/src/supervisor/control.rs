@@ -53,6 +53,7 @@ impl Lab {
                     cordoned,
                     cilium,
                     agent: String::new(),
+                    etcd: String::new(),
                     faults,
                 };
                 (i, row)
@@ -61,6 +62,7 @@ impl Lab {
             .into_iter()
             .map(|(i, mut row)| {
                 row.agent = self.agent_state(i);
+                row.etcd = self.etcd_state(i);
                 row
             })
             .collect()
@@ -76,6 +78,9 @@ pub struct StatusRow {
     pub cordoned: bool,
     pub cilium: String,
     pub agent: String,
+    /// A controller's etcd member: running, starting, stopped; `-` on a worker.
+    #[serde(default)]
+    pub etcd: String,
     pub faults: Vec<String>,
 }
 

@@ -28,6 +28,11 @@ impl Lab {
         if fault == Fault::WorkerRestartsEarly && self.nodes[i].rec.role != Role::Worker {
             bail!("worker-restarts-early is for workers; {node} is a controller");
         }
+        if matches!(fault, Fault::EtcdDown | Fault::EtcdSnapshotFails)
+            && self.nodes[i].rec.role != Role::Controller
+        {
+            bail!("{fault} is for controllers (they run the etcd members); {node} is a worker");
+        }
         if on {
             self.nodes[i].faults.insert(fault);
         } else {
@@ -40,6 +45,12 @@ impl Lab {
                 self.wait_agents(Duration::from_secs(10))?;
             }
             Fault::Partition => self.set_cut(i, on)?,
+            Fault::EtcdDown if on => self.stop_etcd(i),
+            Fault::EtcdDown => {
+                self.start_etcd(i)?;
+                self.wait_etcd(etcd::ETCD_READY)?;
+            }
+            Fault::EtcdSnapshotFails => self.spoil_snapshots(i, on)?,
             Fault::Unconfirmed if !on => self.set_cut(i, false)?,
             Fault::SlowApi => self.api.faults().set_delay(if on {
                 self.api_deadline + Duration::from_secs(1)

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -33,6 +33,7 @@ use crate::record::{self, NodeRecord, Record};
 mod agents;
 mod build;
 mod control;
+mod etcd;
 mod faults;
 mod node;
 
@@ -77,6 +78,11 @@ pub enum Fault {
     Unconfirmed,
     /// The worker's k3s restarts as soon as a server switches backend.
     WorkerRestartsEarly,
+    /// The controller's etcd member is stopped (as `systemctl stop k3s` stops it).
+    EtcdDown,
+    /// The controller's etcd snapshots cannot be written (its snapshot
+    /// directory is a file): `etcdctl snapshot save` fails.
+    EtcdSnapshotFails,
     /// A Longhorn volume's only healthy replica is the one on the node (the
     /// postgres volume's, else vaultwarden's): the others failed.
     SoleReplica,
@@ -85,7 +91,7 @@ pub enum Fault {
     OtherSubnet,
 }
 
-pub const FAULT_KINDS: &str = "hook-fails, hook-hangs, never-ready, cilium-crashloop, agent-down, partition, pdb-blocks, slow-api, unconfirmed, worker-restarts-early, sole-replica, other-subnet";
+pub const FAULT_KINDS: &str = "hook-fails, hook-hangs, never-ready, cilium-crashloop, agent-down, partition, pdb-blocks, slow-api, unconfirmed, worker-restarts-early, etcd-down, etcd-snapshot-fails, sole-replica, other-subnet";
 
 impl std::str::FromStr for Fault {
     type Err = String;
@@ -223,6 +229,8 @@ struct Node {
     endpoints: BTreeSet<String>,
     faults: BTreeSet<Fault>,
     agent: Option<Child>,
+    /// The controller's etcd member.
+    etcd: Option<Child>,
     last_crash: Instant,
     lease_at: Instant,
     /// The admin box is cut off from this node (partition / unconfirmed).
@@ -238,6 +246,9 @@ struct Lab {
     agent_bin: PathBuf,
     lab_bin: PathBuf,
     api_deadline: Duration,
+    /// `--initial-cluster` of the controllers' etcd, and its token.
+    etcd_cluster: String,
+    etcd_token: String,
 }
 
 fn now_s() -> Instant {
@@ -308,7 +319,7 @@ mod tests {
         }
         let e = "wobbly".parse::<Fault>().unwrap_err();
         assert!(
-            e.contains("hook-fails") && e.contains("worker-restarts-early"),
+            e.contains("hook-fails") && e.contains("etcd-snapshot-fails"),
             "{e}"
         );
         assert_eq!(node_pair("a:b").unwrap(), ("a".into(), "b".into()));
