@@ -315,7 +315,18 @@ pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
             .iter()
             .map(|n| n["name"].as_str().unwrap())
             .collect();
+        let has_controller = wave["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["role"] == "controller");
         for step in &steps {
+            // The run's etcd snapshot (migrate/etcd.rs) comes right before
+            // the first controller's Cordon.
+            if *step == "cordon" && has_controller && !out.iter().any(|b| b.ends_with("cluster etcd-snapshot")) {
+                out.push("intent cluster etcd-snapshot".into());
+                out.push("done cluster etcd-snapshot".into());
+            }
             for kind in ["intent", "done"] {
                 for n in &nodes {
                     out.push(format!("{kind} {n} {step}"));
