@@ -301,6 +301,14 @@ pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
         .map(|s| s["step"].as_str().unwrap())
         .collect();
     let mut out = vec!["header".to_string()];
+    // migrate's run-wide steps before the first node (cnishift::migrate::prerun):
+    // the values gate's record when [cilium] values is set, then the backup.
+    let inv: toml::Table = toml::from_str(&std::fs::read_to_string(cluster_toml).unwrap()).unwrap();
+    if inv.get("cilium").and_then(|c| c.get("values")).is_some() {
+        out.push("done cluster values".into());
+    }
+    out.push("intent cluster backup".into());
+    out.push("done cluster backup".into());
     for (w, wave) in p["waves"].as_array().unwrap().iter().enumerate() {
         let nodes: Vec<&str> = wave["nodes"]
             .as_array()
@@ -308,7 +316,18 @@ pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
             .iter()
             .map(|n| n["name"].as_str().unwrap())
             .collect();
+        let has_controller = wave["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["role"] == "controller");
         for step in &steps {
+            // The run's etcd snapshot (migrate/etcd.rs) comes right before
+            // the first controller's Cordon.
+            if *step == "cordon" && has_controller && !out.iter().any(|b| b.ends_with("cluster etcd-snapshot")) {
+                out.push("intent cluster etcd-snapshot".into());
+                out.push("done cluster etcd-snapshot".into());
+            }
             for kind in ["intent", "done"] {
                 for n in &nodes {
                     out.push(format!("{kind} {n} {step}"));

@@ -91,9 +91,11 @@ fn the_seed_cluster_migrates_end_to_end_and_is_verified_and_clean() {
         ] {
             assert!(!e[k].is_null(), "event without {k}: {e}");
         }
-        // The cluster-wide steps are the only ones without a node.
-        let cluster_step =
-            ["etcd-snapshot", "verify-cluster", "cleanup"].contains(&e["step"].as_str().unwrap());
+        // The cluster-wide steps are the only ones without a node (the
+        // backup before the first node, the etcd snapshot, verify-cluster
+        // and cleanup after the last).
+        let cluster_step = ["backup", "etcd-snapshot", "verify-cluster", "cleanup"]
+            .contains(&e["step"].as_str().unwrap());
         assert_eq!(e["node"].is_null(), cluster_step, "{e}");
     }
 

@@ -234,13 +234,21 @@ fn a_halt_names_node_step_cause_and_resume_and_status_reads_the_journal() {
     let journal = std::fs::read_to_string(s.path("state/cnishift/lab/journal.jsonl")).unwrap();
     assert_eq!(
         journal.lines().count(),
-        3,
-        "header, intent, failed: {journal}"
+        5,
+        "header, the backup's intent and done (before any node), the node's intent, failed: {journal}"
     );
     assert!(
         journal
             .lines()
             .nth(2)
+            .unwrap()
+            .contains("\"type\":\"done\",\"step\":\"backup\""),
+        "{journal}"
+    );
+    assert!(
+        journal
+            .lines()
+            .nth(4)
             .unwrap()
             .contains("\"type\":\"failed\""),
         "{journal}"

@@ -15,8 +15,9 @@
 //! - `every_step_boundary_survives_a_chain_of_kills`: ONE lab, ONE run that is
 //!   killed after the journal header, then after every intent and every done
 //!   record of every node (the controller's and both workers') and of the
-//!   cluster steps (the etcd snapshot, verify-cluster, cleanup), each resumed
-//!   run being itself killed at the next boundary (79 kill points). It proves that a run resumed from each boundary
+//!   cluster steps (the backup before the nodes, the etcd snapshot before the
+//!   first controller's cordon, verify-cluster and cleanup after), each
+//!   resumed run being itself killed at the next boundary (81 kill points). It proves that a run resumed from each boundary
 //!   writes the right next record (the test checks the journal's tail after
 //!   every kill), that the final resume completes, and that no external side
 //!   effect is repeated (one deploy per node, no rollback). It does NOT prove
@@ -228,7 +229,9 @@ fn every_step_boundary_survives_a_chain_of_kills() {
     let started = Instant::now();
     let lab = Up::new(INVENTORY, &[]);
     let points = planned_boundaries(&lab.cluster_toml());
-    assert_eq!(points.len(), 1 + 3 * 24 + 2 + 4, "{points:?}");
+    // The header, the backup's and the etcd snapshot's intent and done, 24
+    // per node, the cluster steps'.
+    assert_eq!(points.len(), 1 + 2 + 3 * 24 + 2 + 4, "{points:?}");
     for (k, want) in points.iter().enumerate() {
         let n = records_to_next_boundary(&lab);
         let o = migrate_killed_after(&lab, n);

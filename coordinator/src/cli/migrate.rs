@@ -458,7 +458,19 @@ pub fn run_migrate(args: MigrateArgs) -> ExitCode {
         for n in &j.notes {
             eprintln!("cnishift: {n}");
         }
-        let state = j.state();
+        let mut state = j.state();
+        {
+            // The values gate and the backup, before the first step.
+            let mut sink = |e: &Event| display.show(e);
+            let sd = state_dir(&args.state.state_dir, &inv.cluster.name);
+            if let Err(h) = cnishift::migrate::prerun::before_nodes(&kube, &inv, &tls, &mut j, &state, &sd, &opts.resume_command, &mut sink).await {
+                display.finish();
+                let _ = guard.release().await;
+                eprint!("cnishift: {h}");
+                return ExitCode::from(EXIT_NOT_READY);
+            }
+            state = j.state();
+        }
         let run = j.run.clone();
         let cluster = KubeCluster {
             kube: &kube,

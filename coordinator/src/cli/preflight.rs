@@ -10,7 +10,8 @@ use super::{connect_setup, InventoryArg, KubeArgs, Output, EXIT_NOT_READY, EXIT_
 pub struct PreflightArgs {
     #[command(flatten)]
     pub inventory: InventoryArg,
-    /// Also check the cluster through the Kubernetes API (the gates of `cnishift cluster check`).
+    /// Also check the cluster through the Kubernetes API (the gates of `cnishift cluster check`, and the
+    /// inventory's [cilium] values as `cnishift values check` judges them).
     #[arg(long)]
     cluster: bool,
     #[command(flatten)]
@@ -29,6 +30,23 @@ pub fn run(args: PreflightArgs) -> ExitCode {
         let gates = match args.cluster {
             false => None,
             true => Some(super::cluster::gates(&args.kube, &inv).await?),
+        };
+        // The inventory's [cilium] values, as the migration's Preflight gate checks them.
+        let gates = match (gates, &inv.cilium.values) {
+            (Some(mut g), Some(_)) => {
+                let kube = super::connect(&args.kube, &inv).await?;
+                let (verdict, message) = match cnishift::values::gate(&kube, &inv, &tls).await {
+                    Ok(m) => (cnishift::kube::gates::Verdict::Pass, m),
+                    Err(m) => (cnishift::kube::gates::Verdict::Fail, m),
+                };
+                g.push(cnishift::kube::gates::Gate {
+                    id: "cilium.values",
+                    verdict,
+                    message,
+                });
+                Some(g)
+            }
+            (g, _) => g,
         };
         let outcomes = agents::fan_out_reports(&inv.nodes, &tls, &inv.deadlines).await;
         Ok::<_, ExitCode>((outcomes, gates))

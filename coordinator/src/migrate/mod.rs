@@ -8,6 +8,7 @@ pub mod hooks;
 pub mod journal;
 pub mod live;
 pub mod plan;
+pub mod prerun;
 pub mod run;
 pub mod steps;
 pub mod storage;

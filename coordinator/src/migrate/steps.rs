@@ -168,6 +168,24 @@ pub async fn node_step(
                 )
                 .await;
             }
+            // The storage gate, before anything is evicted.
+            let storage = match super::storage::check(kube, node, &inv.drain).await {
+                Ok(m) => m,
+                Err(e) => {
+                    let note = e.to_string();
+                    tell(
+                        kube,
+                        node,
+                        identity,
+                        "MigrationDrainFailed",
+                        "Drain",
+                        note,
+                        Kind::Warning,
+                    )
+                    .await;
+                    return Err(e);
+                }
+            };
             tell(
                 kube,
                 node,
@@ -184,7 +202,7 @@ pub async fn node_step(
             {
                 Ok(r) => {
                     let msg = format!(
-                        "drained: {} pods evicted, {} left in place, in {} ms",
+                        "drained: {} pods evicted, {} left in place, in {} ms; {storage}",
                         r.evicted.len(),
                         r.skipped.len(),
                         r.elapsed_ms
