@@ -107,6 +107,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `cnishift plan -o json | head`: a reader that goes away ends us as it
+    // ends any Unix tool (SIGPIPE), instead of println! panicking on EPIPE.
+    // Sockets are unaffected: Rust sends with MSG_NOSIGNAL.
+    // SAFETY: no other thread exists yet; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

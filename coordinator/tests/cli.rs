@@ -279,3 +279,28 @@ fn etcd_snapshot_is_for_controllers_of_the_inventory_only() {
         "no controller's etcd member answered with its member list: opi01: unreachable"
     ));
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_plan_quietly_not_with_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/avalanche.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cnishift"))
+        .args(["plan", "-o", "json", "-i"])
+        .arg(&example)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The read end is closed before the child has started writing (as
+    // `| head -c0` would): its first write meets EPIPE.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        o.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        o.status
+    );
+}

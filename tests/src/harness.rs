@@ -324,7 +324,10 @@ pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
         for step in &steps {
             // The run's etcd snapshot (migrate/etcd.rs) comes right before
             // the first controller's Cordon.
-            if *step == "cordon" && has_controller && !out.iter().any(|b| b.ends_with("cluster etcd-snapshot")) {
+            if *step == "cordon"
+                && has_controller
+                && !out.iter().any(|b| b.ends_with("cluster etcd-snapshot"))
+            {
                 out.push("intent cluster etcd-snapshot".into());
                 out.push("done cluster etcd-snapshot".into());
             }

@@ -532,7 +532,7 @@ fn a_node_that_never_turns_ready_halts_its_wait_saying_so() {
     }
     let _slot = Slot::take();
     // The cause names the node's own condition, not only the deadline.
-    let lab = armed_fault("never-ready", "wait-cilium-ready", &["not Ready"]);
+    let lab = armed_fault("never-ready", "wait-cilium-ready", &["w-1 is NotReady"]);
     clear_and_resume(&lab);
 }
 

@@ -83,7 +83,11 @@ fn rehearse_passes(file: &str) {
         .iter()
         .map(|st| st[0].as_str().unwrap())
         .collect();
-    assert_eq!(cluster, ["backup", "etcd-snapshot", "verify-cluster", "cleanup"], "{s:#}");
+    assert_eq!(
+        cluster,
+        ["backup", "etcd-snapshot", "verify-cluster", "cleanup"],
+        "{s:#}"
+    );
     // Torn down: `down` ran (it removes lab.json last) and no process of
     // the lab (supervisor, agents, hooks: all name DIR) is left.
     assert!(!dir.join("lab.json").exists(), "the lab was not torn down");

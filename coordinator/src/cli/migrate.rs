@@ -462,8 +462,18 @@ pub fn run_migrate(args: MigrateArgs) -> ExitCode {
         {
             // The values gate and the backup, before the first step.
             let mut sink = |e: &Event| display.show(e);
-            let sd = state_dir(&args.state.state_dir, &inv.cluster.name);
-            if let Err(h) = cnishift::migrate::prerun::before_nodes(&kube, &inv, &tls, &mut j, &state, &sd, &opts.resume_command, &mut sink).await {
+            if let Err(h) = cnishift::migrate::prerun::before_nodes(
+                &kube,
+                &inv,
+                &tls,
+                &mut j,
+                &state,
+                &dir,
+                &opts.resume_command,
+                &mut sink,
+            )
+            .await
+            {
                 display.finish();
                 let _ = guard.release().await;
                 eprint!("cnishift: {h}");

@@ -124,6 +124,16 @@ fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.as_millis() as u64)
 }
 
+/// A run-wide step `migrate` takes before or around the first node: the
+/// values gate (every start), the backup (once per run), the etcd snapshot
+/// (after the first controller's Preflight, before its Cordon).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunStep {
+    pub step: &'static str,
+    pub when: &'static str,
+    pub action: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Warning {
     pub id: &'static str,
@@ -134,6 +144,8 @@ pub struct Warning {
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub cluster: String,
+    /// The run-wide steps around the first node, journaled as cluster steps.
+    pub before: Vec<RunStep>,
     pub waves: Vec<Wave>,
     /// The same for every node; actions name `{node}`.
     pub steps: Vec<PlannedStep>,
@@ -259,8 +271,34 @@ pub fn plan(inv: &Inventory, opts: PlanOptions) -> Plan {
     if !opts.no_cleanup {
         after.push(ClusterStep::Cleanup);
     }
+    let mut before = vec![];
+    if let Some(v) = &inv.cilium.values {
+        before.push(RunStep {
+            step: "values",
+            when: "at every start of the run",
+            action: format!(
+                "check {} against the cluster (a failing finding halts)",
+                v.display()
+            ),
+        });
+    }
+    before.push(RunStep {
+        step: "backup",
+        when: "once per run, before the first node",
+        action:
+            "NetworkPolicies, Nodes, PDBs and the CNI ConfigMaps as YAML under <state dir>/backups"
+                .into(),
+    });
+    if waves.first().is_some_and(|w| w.role == Role::Controller) {
+        before.push(RunStep {
+            step: "etcd-snapshot",
+            when: "after the first controller's preflight, before its cordon",
+            action: "the first controller's agent takes an etcd snapshot named for the run (--skip-etcd-snapshot: journaled as skipped)".into(),
+        });
+    }
     Plan {
         cluster: inv.cluster.name.clone(),
+        before,
         waves,
         steps,
         after,
@@ -355,6 +393,12 @@ pub fn table(p: &Plan) -> String {
             w.role.to_string(),
             names.join(", ")
         ));
+    }
+    if !p.before.is_empty() {
+        s.push_str("\nrun-wide, around the first node:\n");
+        for b in &p.before {
+            s.push_str(&format!("  {:<18} {}: {}\n", b.step, b.when, b.action));
+        }
     }
     s.push_str("\nper node:\n");
     for st in &p.steps {
@@ -462,6 +506,25 @@ mod tests {
                 vec!["raccoon01", "raccoon02"],
                 vec!["raccoon04"]
             ]
+        );
+    }
+
+    #[test]
+    fn the_run_wide_steps_are_planned_where_migrate_takes_them() {
+        let with_ctl = plan(&inventory("", 1), PlanOptions::default());
+        let steps: Vec<&str> = with_ctl.before.iter().map(|b| b.step).collect();
+        assert_eq!(steps, ["backup", "etcd-snapshot"]);
+        assert!(table(&with_ctl)
+            .contains("\n  etcd-snapshot      after the first controller's preflight"));
+        let mut inv = inventory("", 1);
+        inv.nodes.retain(|n| n.role == Role::Worker);
+        inv.cilium.values = Some("helm-values.yaml".into());
+        let workers_only = plan(&inv, PlanOptions::default());
+        let steps: Vec<&str> = workers_only.before.iter().map(|b| b.step).collect();
+        assert_eq!(
+            steps,
+            ["values", "backup"],
+            "no controller: no etcd snapshot"
         );
     }
 
