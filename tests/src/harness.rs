@@ -337,7 +337,7 @@ pub fn planned_boundaries(cluster_toml: &Path) -> Vec<String> {
                 }
             }
             // The etcd snapshot: a cluster step after the first controller's
-            // Preflight, before anything is cordoned (`plan` does not list it).
+            // Preflight, before anything is cordoned (`plan` lists it in `before`).
             if w == 0 && *step == "preflight" && wave["role"] == "controller" {
                 out.push("intent cluster etcd-snapshot".into());
                 out.push("done cluster etcd-snapshot".into());

@@ -114,16 +114,32 @@ fn the_tests_coordinator_is_killed_right_after_the_record_it_is_told() {
         bin.display()
     );
     let w = World::new();
-    // Unset, the run halts at n1's Preflight (its agent is not there).
+    // Unset, the run backs the cluster up, then halts at n1's Preflight
+    // (its agent is not there).
     let o = w.migrate(&bin, "free", "");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_eq!(
         w.records("free"),
-        ["header", "intent n1 preflight", "failed n1 preflight"]
+        [
+            "header",
+            "intent cluster backup",
+            "done cluster backup",
+            "intent n1 preflight",
+            "failed n1 preflight"
+        ]
     );
     for (n, records) in [
         ("1", vec!["header"]),
-        ("2", vec!["header", "intent n1 preflight"]),
+        ("2", vec!["header", "intent cluster backup"]),
+        (
+            "4",
+            vec![
+                "header",
+                "intent cluster backup",
+                "done cluster backup",
+                "intent n1 preflight",
+            ],
+        ),
     ] {
         let state = format!("killed-after-{n}");
         let o = w.migrate(&bin, &state, n);

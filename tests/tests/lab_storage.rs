@@ -226,4 +226,24 @@ fn a_volume_whose_only_healthy_replica_is_on_the_node_blocks_its_drain() {
         "an intent and its done: {journal}"
     );
     assert!(journal.contains(&dir), "{journal}");
+
+    // Once Longhorn has rebuilt the replicas, the same command resumes at
+    // w-1's Drain and finishes, without a second backup.
+    let o = lab.lab(&["fault", "--clear"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = cnishift(&lab, &["migrate", "-o", "json"], &state);
+    assert_eq!(o.status.code(), Some(0), "the resume: {}", text(&o));
+    let journal = std::fs::read_to_string(state.join("journal.jsonl")).unwrap();
+    assert_eq!(
+        journal.matches("\"step\":\"backup\"").count(),
+        2,
+        "the resume backed up again: {journal}"
+    );
+    for n in ["ctl-a", "w-1", "w-2"] {
+        assert_eq!(
+            lab.node_state(n, "cnishift.io/cni"),
+            (false, Some("cilium".to_string())),
+            "{n} is not migrated and uncordoned"
+        );
+    }
 }

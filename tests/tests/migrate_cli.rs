@@ -205,7 +205,7 @@ fn a_halt_names_node_step_cause_and_resume_and_status_reads_the_journal() {
         "{err}"
     );
     assert!(
-        err.contains("  opi01 stays cordoned\n  nothing further was started\n"),
+        err.contains("  opi01 is untouched: it was not cordoned\n  nothing further was started\n"),
         "{err}"
     );
     let inv = s.path("cluster.toml");
