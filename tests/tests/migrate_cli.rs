@@ -139,8 +139,18 @@ fn dry_run_prints_every_action_as_json_events_and_touches_nothing() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // Every node's 12 steps, the etcd snapshot, verify-cluster and cleanup.
-    assert_eq!(events.len(), 3 * 12 + 3);
+    // The backup, every node's 12 steps, the etcd snapshot, verify-cluster
+    // and cleanup.
+    assert_eq!(events.len(), 1 + 3 * 12 + 3);
+    assert_eq!(events[0]["step"], "backup", "{}", events[0]);
+    assert!(
+        events[0]["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("/state/cnishift/lab/backups"),
+        "{}",
+        events[0]
+    );
     for e in &events {
         for k in [
             "time",
@@ -179,6 +189,7 @@ fn dry_run_prints_every_action_as_json_events_and_touches_nothing() {
         !s.path("state/cnishift/lab/journal.jsonl").exists(),
         "no journal"
     );
+    assert!(!s.path("state/cnishift/lab/backups").exists(), "no backup");
 }
 
 #[test]

@@ -401,6 +401,7 @@ pub fn run_migrate(args: MigrateArgs) -> ExitCode {
             Err(_) => State::default(),
         };
         let mut sink = |e: &Event| display.show(e);
+        cnishift::migrate::prerun::dry_run(&inv, &state, &dir, &mut sink);
         let mut d = Driver {
             ctx: Ctx {
                 inv: &inv,

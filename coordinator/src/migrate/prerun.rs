@@ -52,6 +52,38 @@ pub fn backup_deadline(inv: &Inventory) -> Duration {
     inv.deadlines.api * 4 + Duration::from_secs(10)
 }
 
+/// What [`before_nodes`] would do, as `dry-run` events (a dry run touches
+/// nothing: no API call, no file).
+pub fn dry_run(inv: &Inventory, state: &State, state_dir: &Path, sink: &mut dyn FnMut(&Event)) {
+    let now = Instant::now();
+    if let Some(v) = &inv.cilium.values {
+        sink(&event(
+            "dry-run",
+            VALUES,
+            Phase::DryRun,
+            now,
+            values_deadline(inv),
+            format!(
+                "check the Helm values {} against the cluster (a failing finding halts)",
+                v.display()
+            ),
+        ));
+    }
+    if !state.cluster.done.contains(BACKUP) {
+        sink(&event(
+            "dry-run",
+            BACKUP,
+            Phase::DryRun,
+            now,
+            backup_deadline(inv),
+            format!(
+                "back up NetworkPolicies, Nodes, PodDisruptionBudgets and the CNI ConfigMaps under {}",
+                state_dir.join("backups").display()
+            ),
+        ));
+    }
+}
+
 /// Runs the values gate and the backup; Err is the halt to report (also
 /// sent to `sink` as a `halted` event, as the driver's halts are).
 #[allow(clippy::too_many_arguments)]
