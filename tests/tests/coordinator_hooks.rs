@@ -201,7 +201,13 @@ fn a_shipped_coordinator_neither_names_nor_obeys_the_hook() {
     );
     assert_eq!(
         w.records("shipped"),
-        ["header", "intent n1 preflight", "failed n1 preflight"]
+        [
+            "header",
+            "intent cluster backup",
+            "done cluster backup",
+            "intent n1 preflight",
+            "failed n1 preflight"
+        ]
     );
 }
 
