@@ -129,7 +129,6 @@ async fn gate_and_backup(
     resume: &str,
     sink: &mut dyn FnMut(&Event),
 ) -> Result<(), Halt> {
-    let run = j.run.clone();
     let halt = |step: &str, cause: String| Halt {
         node: None,
         step: step.into(),
@@ -138,122 +137,108 @@ async fn gate_and_backup(
         resume: resume.to_string(),
         rollback: None,
     };
-    let write = |j: &mut Journal, rec: Record| {
+    if inv.cilium.values.is_some() {
+        let d = values_deadline(inv);
+        // No intent record: the check changes nothing.
+        cluster_step(
+            j,
+            VALUES,
+            d,
+            false,
+            crate::values::gate(kube, inv, tls),
+            format!(
+                "the values check did not finish within {}",
+                humantime::format_duration(d)
+            ),
+            &halt,
+            sink,
+        )
+        .await?;
+    }
+    if !state.cluster.done.contains(BACKUP) {
+        let d = backup_deadline(inv);
+        let dir = state_dir.join("backups");
+        let refused = |e: crate::backup::BackupError| {
+            format!("the backup failed, so nothing is touched without one: {e}")
+        };
+        let timed_out = refused(crate::backup::BackupError::Io {
+            path: dir.clone(),
+            error: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("not finished within {}", humantime::format_duration(d)),
+            ),
+        });
+        let work = async {
+            let b = crate::backup::backup(kube, &dir, &inv.cluster.name)
+                .await
+                .map_err(refused)?;
+            Ok(format!(
+                "{} objects saved to {} (restore: kubectl apply -f {})",
+                b.objects,
+                b.dir.display(),
+                b.dir.display()
+            ))
+        };
+        cluster_step(j, BACKUP, d, true, work, timed_out, &halt, sink).await?;
+    }
+    Ok(())
+}
+
+/// One run-wide step: its started event; an intent record first when it
+/// changes something; `work` under `d` (`timed_out` is the cause past it);
+/// then its done or failed record and, once that is written, its event —
+/// the driver's order (`Driver::finish`). Err: the halt to report.
+#[allow(clippy::too_many_arguments)]
+async fn cluster_step(
+    j: &mut Journal,
+    step: &str,
+    d: Duration,
+    intent: bool,
+    work: impl std::future::Future<Output = Result<String, String>>,
+    timed_out: String,
+    halt: &dyn Fn(&str, String) -> Halt,
+    sink: &mut dyn FnMut(&Event),
+) -> Result<(), Halt> {
+    let run = j.run.clone();
+    let start = Instant::now();
+    let mut write = |rec: Record| {
         j.append(rec)
             .map_err(|e| format!("the journal cannot be written: {e}"))
     };
-    if inv.cilium.values.is_some() {
-        let start = Instant::now();
-        let d = values_deadline(inv);
-        sink(&event(
-            &run,
-            VALUES,
-            Phase::Started,
-            start,
-            d,
-            String::new(),
-        ));
-        let r = tokio::time::timeout(d, crate::values::gate(kube, inv, tls))
-            .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "the values check did not finish within {}",
-                    humantime::format_duration(d)
-                ))
-            });
-        let rec = match &r {
-            Ok(m) => Record::Done {
-                node: None,
-                step: VALUES.into(),
-                time: journal::now(),
-                detail: m.clone(),
-            },
-            Err(c) => Record::Failed {
-                node: None,
-                step: VALUES.into(),
-                time: journal::now(),
-                cause: c.clone(),
-            },
-        };
-        write(j, rec).map_err(|e| halt(VALUES, e))?;
-        match r {
-            Ok(m) => sink(&event(&run, VALUES, Phase::Done, start, d, m)),
-            Err(c) => {
-                sink(&event(&run, VALUES, Phase::Failed, start, d, c.clone()));
-                return Err(halt(VALUES, c));
-            }
-        }
+    sink(&event(&run, step, Phase::Started, start, d, String::new()));
+    if intent {
+        write(Record::Intent {
+            node: None,
+            step: step.into(),
+            time: journal::now(),
+        })
+        .map_err(|e| halt(step, e))?;
     }
-    if !state.cluster.done.contains(BACKUP) {
-        let start = Instant::now();
-        let d = backup_deadline(inv);
-        sink(&event(
-            &run,
-            BACKUP,
-            Phase::Started,
-            start,
-            d,
-            String::new(),
-        ));
-        write(
-            j,
-            Record::Intent {
+    let r = tokio::time::timeout(d, work)
+        .await
+        .unwrap_or(Err(timed_out));
+    match r {
+        Ok(detail) => {
+            write(Record::Done {
                 node: None,
-                step: BACKUP.into(),
+                step: step.into(),
                 time: journal::now(),
-            },
-        )
-        .map_err(|e| halt(BACKUP, e))?;
-        let b = tokio::time::timeout(
-            d,
-            crate::backup::backup(kube, &state_dir.join("backups"), &inv.cluster.name),
-        )
-        .await;
-        let b = b.unwrap_or_else(|_| {
-            Err(crate::backup::BackupError::Io {
-                path: state_dir.join("backups"),
-                error: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("not finished within {}", humantime::format_duration(d)),
-                ),
+                detail: detail.clone(),
             })
-        });
-        match b {
-            Ok(b) => {
-                let detail = format!(
-                    "{} objects saved to {} (restore: kubectl apply -f {})",
-                    b.objects,
-                    b.dir.display(),
-                    b.dir.display()
-                );
-                write(
-                    j,
-                    Record::Done {
-                        node: None,
-                        step: BACKUP.into(),
-                        time: journal::now(),
-                        detail: detail.clone(),
-                    },
-                )
-                .map_err(|e| halt(BACKUP, e))?;
-                sink(&event(&run, BACKUP, Phase::Done, start, d, detail));
-            }
-            Err(e) => {
-                let cause = format!("the backup failed, so nothing is touched without one: {e}");
-                write(
-                    j,
-                    Record::Failed {
-                        node: None,
-                        step: BACKUP.into(),
-                        time: journal::now(),
-                        cause: cause.clone(),
-                    },
-                )
-                .map_err(|e| halt(BACKUP, e))?;
-                sink(&event(&run, BACKUP, Phase::Failed, start, d, cause.clone()));
-                return Err(halt(BACKUP, cause));
-            }
+            .map_err(|e| halt(step, e))?;
+            sink(&event(&run, step, Phase::Done, start, d, detail));
+            Ok(())
+        }
+        Err(cause) => {
+            write(Record::Failed {
+                node: None,
+                step: step.into(),
+                time: journal::now(),
+                cause: cause.clone(),
+            })
+            .map_err(|e| halt(step, e))?;
+            sink(&event(&run, step, Phase::Failed, start, d, cause.clone()));
+            Err(halt(step, cause))
         }
     }
-    Ok(())
 }
